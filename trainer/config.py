@@ -1,0 +1,204 @@
+"""The experiment config: one YAML file, parsed into typed sections and validated at start.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", overrides=["training.batch_size=4096"])
+    cfg.training.batch_size  # 4096
+
+Each package owns its section (``data.config``, ``modules.config``); this module composes them,
+adds the training and sharding sections, and applies dotted command-line overrides.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from data.config import DataConfig, StrictModel
+from modules.config import ModelConfig
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+class SparseOptimizerConfig(StrictModel):
+    """Fused optimizer applied to embedding tables inside the backward pass."""
+
+    type: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    lr: PositiveFloat = 0.05
+    eps: PositiveFloat = 1e-8
+
+
+class DenseOptimizerConfig(StrictModel):
+    type: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+
+class TrainingConfig(StrictModel):
+    """``batch_size`` is per rank. Training stops after ``epochs`` or ``max_steps``, first reached.
+
+    ``eval_interval``: evaluate every that many training steps; 0 evaluates at each epoch's end
+    only. The last partial batch of every rank is padded with zero-weight rows (see
+    ``data.parquet``), so every row is used exactly once and every rank takes the same steps.
+    """
+
+    batch_size: PositiveInt = 512
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    seed: int = 0
+    sparse_optimizer: SparseOptimizerConfig = SparseOptimizerConfig()
+    dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
+    eval_interval: Annotated[int, Field(ge=0)] = 0
+    log_interval: PositiveInt = 50
+    num_workers: Annotated[int, Field(ge=0)] = 1
+    shuffle_buffer: Annotated[int, Field(ge=0)] = 0
+    collective_timeout_s: PositiveInt = 600
+
+
+class TableConstraint(StrictModel):
+    """Planner constraints for one table (TorchRec ``ParameterConstraints``)."""
+
+    sharding_types: list[
+        Literal[
+            "data_parallel",
+            "table_wise",
+            "column_wise",
+            "table_column_wise",
+            "row_wise",
+            "table_row_wise",
+        ]
+    ] | None = None
+    compute_kernels: list[Literal["dense", "fused"]] | None = None
+    min_partition: PositiveInt | None = None
+
+
+class ShardingConfig(StrictModel):
+    storage_reserve: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    constraints: dict[str, TableConstraint] = {}
+
+
+class ExperimentConfig(StrictModel):
+    run_dir: str
+    data: DataConfig
+    model: ModelConfig
+    training: TrainingConfig = TrainingConfig()
+    sharding: ShardingConfig = ShardingConfig()
+
+    @model_validator(mode="after")
+    def _constraints_name_tables(self) -> "ExperimentConfig":
+        tables = {t.name for t in self.data.tables}
+        for name in self.sharding.constraints:
+            if name not in tables:
+                raise ValueError(
+                    f"sharding.constraints.{name}: unknown table; tables: {sorted(tables)}"
+                )
+        per_task = getattr(self.model, "experts_per_task", None)
+        if isinstance(per_task, list) and len(per_task) != len(self.data.tasks):
+            raise ValueError(
+                f"model.experts_per_task: {len(per_task)} counts given for "
+                f"{len(self.data.tasks)} tasks"
+            )
+        return self
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 needs a dot there)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\d+\.\d*$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` to a raw config dict; the value is parsed as YAML."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. training.seed=1")
+    node: Any = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a mapping")
+        node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = parse_yaml(value)
+    elif isinstance(node, dict):
+        node[last] = parse_yaml(value)
+    else:
+        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown type {item['input'].get('type')!r}; allowed: {item['ctx'].get('expected_tags')}"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None
+) -> ExperimentConfig:
+    """Read, override and validate a config.
+
+    Relative data paths and ``run_dir`` are resolved against ``base_dir`` (default: the current
+    directory), so a config runs the same from any launcher that keeps the working directory.
+
+    Raises:
+        ConfigError: naming the file, the key and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = parse_yaml(path.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(str(path), e)) from None
+    if base_dir is not None:
+        config = _rebase_paths(config, Path(base_dir))
+    return config
+
+
+def _rebase_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
+    def rebase(p: str) -> str:
+        return p if Path(p).is_absolute() else str(base / p)
+
+    data = config.data.model_copy(
+        update={"train": [rebase(p) for p in config.data.train], "eval": [rebase(p) for p in config.data.eval]}
+    )
+    return config.model_copy(update={"data": data, "run_dir": rebase(config.run_dir)})
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (written to the run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
