@@ -1,0 +1,11 @@
+"""Dense multi-task models for towerrec: building blocks, PLE/CGC, the multi-task loss.
+
+Submodules (import them directly; this package stays import-light so ``modules.config`` does
+not pull in TorchRec):
+
+- ``modules.mlp.MLP``, ``modules.gate.Gate``, ``modules.tower.Tower``: common parts.
+- ``modules.ple.PLE`` / ``modules.ple.CGC``: Progressive Layered Extraction.
+- ``modules.loss.MultiTaskLoss`` / ``TaskLossSpec``: weighted BCE with sample spaces.
+- ``modules.multitask.MultiTaskModel``: embeddings + dense features -> network.
+- ``modules.builders.build_network``: config -> network.
+"""

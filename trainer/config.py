@@ -67,16 +67,19 @@ class TrainingConfig(StrictModel):
 class TableConstraint(StrictModel):
     """Planner constraints for one table (TorchRec ``ParameterConstraints``)."""
 
-    sharding_types: list[
-        Literal[
-            "data_parallel",
-            "table_wise",
-            "column_wise",
-            "table_column_wise",
-            "row_wise",
-            "table_row_wise",
+    sharding_types: (
+        list[
+            Literal[
+                "data_parallel",
+                "table_wise",
+                "column_wise",
+                "table_column_wise",
+                "row_wise",
+                "table_row_wise",
+            ]
         ]
-    ] | None = None
+        | None
+    ) = None
     compute_kernels: list[Literal["dense", "fused"]] | None = None
     min_partition: PositiveInt | None = None
 
@@ -98,14 +101,11 @@ class ExperimentConfig(StrictModel):
         tables = {t.name for t in self.data.tables}
         for name in self.sharding.constraints:
             if name not in tables:
-                raise ValueError(
-                    f"sharding.constraints.{name}: unknown table; tables: {sorted(tables)}"
-                )
+                raise ValueError(f"sharding.constraints.{name}: unknown table; tables: {sorted(tables)}")
         per_task = getattr(self.model, "experts_per_task", None)
         if isinstance(per_task, list) and len(per_task) != len(self.data.tasks):
             raise ValueError(
-                f"model.experts_per_task: {len(per_task)} counts given for "
-                f"{len(self.data.tasks)} tasks"
+                f"model.experts_per_task: {len(per_task)} counts given for {len(self.data.tasks)} tasks"
             )
         return self
 
@@ -156,7 +156,8 @@ def _format_validation_error(source: str, error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown type {item['input'].get('type')!r}; allowed: {item['ctx'].get('expected_tags')}"
+            tag, allowed = item["input"].get("type"), item["ctx"].get("expected_tags")
+            message = f"unknown type {tag!r}; allowed: {allowed}"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
 
@@ -193,9 +194,8 @@ def _rebase_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
     def rebase(p: str) -> str:
         return p if Path(p).is_absolute() else str(base / p)
 
-    data = config.data.model_copy(
-        update={"train": [rebase(p) for p in config.data.train], "eval": [rebase(p) for p in config.data.eval]}
-    )
+    paths = {"train": [rebase(p) for p in config.data.train], "eval": [rebase(p) for p in config.data.eval]}
+    data = config.data.model_copy(update=paths)
     return config.model_copy(update={"data": data, "run_dir": rebase(config.run_dir)})
 
 

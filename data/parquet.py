@@ -1,0 +1,513 @@
+"""Streaming Parquet input in which every rank takes the same number of fixed-size batches.
+
+Example::
+
+    dataset = ParquetDataset(files, config.data, batch_size=1024, rank=rank, world_size=world)
+    dataset.set_epoch(epoch)
+    for batch in make_dataloader(dataset, num_workers=2):
+        ...  # exactly dataset.steps_per_epoch() batches of exactly 1024 rows
+
+Sharding and padding policy (equal steps on every rank, so no collective waits on a rank that
+ran out of data, and every row is read exactly once per epoch):
+
+* Global row order: the files in sorted order, each file's row groups in order. With
+  ``shuffle_row_groups`` the row groups are permuted per epoch, seeded by ``(seed, epoch)``,
+  identically on every rank. N rows in all.
+* Rank r of W reads the contiguous rows ``[r*N//W, (r+1)*N//W)``.
+* Every rank yields ``steps_per_epoch = ceil(ceil(N/W) / B)`` batches. Batch i of rank r holds
+  the rows ``[start_r + i*B, min(start_r + (i+1)*B, end_r))`` and is padded to exactly B rows with
+  zero-weight rows (no ids, dense 0, labels 0). A rank with fewer rows ends with a fully padded
+  batch if it must. Nothing is dropped or repeated.
+* DataLoader worker w of nw takes batches ``[w*S//nw, (w+1)*S//nw)`` of its rank's S batches: a
+  contiguous row range, so workers read mostly distinct row groups.
+* ``shuffle_buffer`` > 0: a worker permutes the real rows of ``ceil(shuffle_buffer / B)``
+  consecutive batches (seeded by seed, epoch, rank, worker) and splits them back with the same
+  real-row count per batch, so padding stays where it was.
+
+Memory: only the configured columns are read, one row group at a time in slices of about a batch,
+so a worker holds a few batches plus one row group's column chunks, whatever the data size. The
+dataset object holds only file names and row-group sizes.
+
+Validation: column presence and types are checked from the footers when the dataset is built
+(``inspect_files``); values while reading. Ids must be non-null (single-hot values, lists and
+list elements), and inside the table for ``id_mode: check``; labels exactly 0 or 1; dense values
+non-null (NaN passes through unchanged). A violation raises ``DataError`` naming the file, row
+group, column, row within the file, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data.batch import Batch
+from data.config import DataConfig, SparseFeatureConfig
+from data.hashing import hash_ids
+
+# Arrow record batches are read in slices of at least this many rows: small batch sizes then
+# still convert in vectorised blocks. Memory stays O(max(B, _MIN_READ_ROWS)) rows per slice.
+_MIN_READ_ROWS = 1024
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file, row group, column, row, value and expectation."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the footer says about one file: its path and the row count of each row group."""
+
+    path: str
+    row_groups: tuple[int, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_groups)
+
+
+_EXPECTED = {
+    "single-hot sparse feature": "an integer type (int8..int64, uint8..uint64)",
+    "multi-hot sparse feature": "list<integer> or large_list<integer>",
+    "dense feature": "a float or integer type",
+    "label": "an integer, bool or float type",
+}
+
+
+def _type_ok(role: str, t: pa.DataType) -> bool:
+    if role == "single-hot sparse feature":
+        return pa.types.is_integer(t)
+    if role == "multi-hot sparse feature":
+        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+    if role == "dense feature":
+        return pa.types.is_floating(t) or pa.types.is_integer(t)
+    return pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t)
+
+
+def _column_roles(data: DataConfig) -> list[tuple[str, str]]:
+    roles = [
+        (f.name, "multi-hot sparse feature" if f.multi_hot else "single-hot sparse feature")
+        for f in data.sparse_features
+    ]
+    roles += [(c, "dense feature") for c in data.dense_features]
+    return roles + [(c, "label") for c in dict.fromkeys(data.label_columns)]
+
+
+def inspect_files(files: list[str], data: DataConfig) -> list[FileInfo]:
+    """Check from the footers alone that every configured column exists with a usable type.
+
+    Raises:
+        DataError: naming the file, the column, the type found and the type expected.
+    """
+    roles = _column_roles(data)
+    infos = []
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        for column, role in roles:
+            if schema.get_field_index(column) < 0:
+                raise DataError(
+                    f"{path}: column {column!r} ({role}) is missing or ambiguous; "
+                    f"expected {_EXPECTED[role]}; the file has columns {schema.names}"
+                )
+            found = schema.field(column).type
+            if not _type_ok(role, found):
+                raise DataError(
+                    f"{path}: column {column!r} has type {found}; expected {_EXPECTED[role]} for a {role}"
+                )
+        infos.append(FileInfo(path, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))))
+    return infos
+
+
+class _Where(NamedTuple):
+    """Where a slice of rows came from, for error messages."""
+
+    path: str
+    row_group: int
+    first_row: int  # row index within the file of the slice's row 0
+
+    def error(self, column: str, index: int, value: object, expected: str, note: str = "") -> DataError:
+        return DataError(
+            f"{self.path}: row group {self.row_group}, column {column!r}, "
+            f"row {self.first_row + index}: value {value!r}{note}; expected {expected}"
+        )
+
+
+def _first(mask: pa.Array | np.ndarray) -> int:
+    return int(np.argmax(np.asarray(mask)))
+
+
+@dataclass
+class _Rows:
+    """Columnar numpy rows between reading and batching; jagged ids kept per feature."""
+
+    values: list[np.ndarray]  # per sparse feature, int64 ids of all rows
+    lengths: list[np.ndarray]  # per sparse feature, int32 [n]
+    dense: np.ndarray  # [n, D] float32
+    labels: np.ndarray  # [T, n] float32, one row per distinct label column
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+    @staticmethod
+    def empty(num_sparse: int, num_dense: int, num_labels: int) -> "_Rows":
+        return _Rows(
+            [np.zeros(0, np.int64) for _ in range(num_sparse)],
+            [np.zeros(0, np.int32) for _ in range(num_sparse)],
+            np.zeros((0, num_dense), np.float32),
+            np.zeros((num_labels, 0), np.float32),
+        )
+
+    @staticmethod
+    def concat(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(
+            [np.concatenate(v) for v in zip(*(p.values for p in parts), strict=True)],
+            [np.concatenate(n) for n in zip(*(p.lengths for p in parts), strict=True)],
+            np.concatenate([p.dense for p in parts]),
+            np.concatenate([p.labels for p in parts], axis=1),
+        )
+
+    def slice(self, start: int, stop: int) -> "_Rows":
+        values = []
+        for v, n in zip(self.values, self.lengths, strict=True):
+            begin = int(n[:start].sum())
+            values.append(v[begin : begin + int(n[start:stop].sum())])
+        lengths = [n[start:stop] for n in self.lengths]
+        return _Rows(values, lengths, self.dense[start:stop], self.labels[:, start:stop])
+
+    def take(self, index: np.ndarray) -> "_Rows":
+        values = []
+        for v, n in zip(self.values, self.lengths, strict=True):
+            starts = (np.cumsum(n, dtype=np.int64) - n)[index]
+            new_lengths = n[index].astype(np.int64)
+            # Element k of the output belongs to output row r: source position starts[r] + (k - first[r]).
+            first = np.cumsum(new_lengths) - new_lengths
+            gather = np.arange(int(new_lengths.sum())) + np.repeat(starts - first, new_lengths)
+            values.append(v[gather])
+        return _Rows(values, [n[index] for n in self.lengths], self.dense[index], self.labels[:, index])
+
+
+def _ids(
+    column: pa.Array, feature: SparseFeatureConfig, where: _Where
+) -> tuple[pa.Array, np.ndarray, np.ndarray | None]:
+    """(flat id array, lengths int32, offsets or None for single-hot); rejects nulls."""
+    name = feature.name
+    if not feature.multi_hot:
+        if column.null_count:
+            raise where.error(name, _first(column.is_null()), None, "a non-null integer id")
+        return column, np.ones(len(column), np.int32), None
+    lengths = column.value_lengths()
+    if lengths.null_count:
+        raise where.error(name, _first(lengths.is_null()), None, "a list of ids, not a null list")
+    flat = column.flatten()  # honours the slice offset, unlike .values
+    lengths_np = lengths.to_numpy().astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths_np, dtype=np.int64)])
+    if flat.null_count:
+        k = _first(flat.is_null())
+        row = int(np.searchsorted(offsets, k, side="right")) - 1
+        raise where.error(
+            name, row, column[row].as_py(), "non-null ids", f" (element {k - offsets[row]} is null)"
+        )
+    return flat, lengths_np, offsets
+
+
+def _map_ids(
+    flat: pa.Array, offsets: np.ndarray | None, feature: SparseFeatureConfig, size: int, where: _Where
+) -> np.ndarray:
+    # Wrapping cast: uint64 ids keep their bits (hash mode) or turn negative (rejected by check).
+    ids = flat.cast(pa.int64(), safe=False).to_numpy()
+    if feature.id_mode == "hash":
+        return hash_ids(ids, size)
+    bad = (ids < 0) | (ids >= size)
+    if bad.any():
+        k, note = _first(bad), ""
+        row = k if offsets is None else int(np.searchsorted(offsets, k, side="right")) - 1
+        if offsets is not None:
+            note = f" (element {k - offsets[row]} of the row's list)"
+        raise where.error(
+            feature.name,
+            row,
+            flat[k].as_py(),
+            f"an id in [0, {size}) of table {feature.table!r} (num_embeddings={size}); "
+            "id_mode: hash accepts any id",
+            note,
+        )
+    return ids
+
+
+def _dense(column: pa.Array, name: str, where: _Where) -> np.ndarray:
+    if column.null_count:
+        raise where.error(name, _first(column.is_null()), None, "a non-null number (NaN is allowed)")
+    return column.to_numpy().astype(np.float32, copy=False)
+
+
+def _label(column: pa.Array, name: str, where: _Where) -> np.ndarray:
+    if column.null_count:
+        raise where.error(name, _first(column.is_null()), None, "a label of exactly 0 or 1")
+    y = column.to_numpy(zero_copy_only=False)  # bool columns are bit-packed in Arrow
+    bad = (y != 0) & (y != 1)  # in the original dtype, so 1.0000001 is not rounded to 1
+    if bad.any():
+        k = _first(bad)
+        raise where.error(name, k, column[k].as_py(), "a label of exactly 0 or 1")
+    return y.astype(np.float32)
+
+
+class _RowGroup(NamedTuple):
+    file: int
+    index: int
+    rows: int
+    first_row: int  # row index within the file
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([p % 2**64 for p in parts])
+
+
+def _rebatch(chunks: Iterator[_Rows], counts: list[int], empty: _Rows) -> Iterator[_Rows]:
+    """Cut the row stream into pieces of exactly ``counts[i]`` rows (0 allowed)."""
+    pending, have = [], 0
+    for count in counts:
+        while have < count:
+            chunk = next(chunks, None)
+            if chunk is None:
+                raise RuntimeError(f"read {have} rows, {count} needed: files changed while reading?")
+            pending.append(chunk)
+            have += len(chunk)
+        rows = _Rows.concat(pending) if pending else empty
+        rest = rows.slice(count, len(rows))
+        pending, have = ([rest] if len(rest) else []), len(rest)
+        yield rows.slice(0, count)
+
+
+def _shuffle(batches: Iterator[_Rows], group: int, rng: np.random.Generator) -> Iterator[_Rows]:
+    """Permute the rows of ``group`` consecutive pieces; each piece keeps its row count."""
+    buffer: list[_Rows] = []
+    for rows in batches:
+        buffer.append(rows)
+        if len(buffer) == group:
+            yield from _permute(buffer, rng)
+            buffer = []
+    if buffer:
+        yield from _permute(buffer, rng)
+
+
+def _permute(parts: list[_Rows], rng: np.random.Generator) -> Iterator[_Rows]:
+    rows = _Rows.concat(parts)
+    rows = rows.take(rng.permutation(len(rows)))
+    start = 0
+    for part in parts:
+        yield rows.slice(start, start + len(part))
+        start += len(part)
+
+
+class ParquetDataset(IterableDataset[Batch]):
+    """Fixed-size, padded batches of a rank's share of Parquet files (policy: module docstring).
+
+    Example::
+
+        ds = ParquetDataset(["a.parquet", "b.parquet"], data, batch_size=512, rank=1, world_size=4)
+        ds.steps_per_epoch()           # the same on all four ranks
+        ds.set_epoch(3)                # before creating the loader's iterator
+        batch = next(iter(ds))         # Batch of 512 rows; padding rows have weight 0
+
+    Raises:
+        DataError: at construction for a missing column, a wrong type or no rows at all; while
+            iterating for a bad value.
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        data: DataConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        shuffle_row_groups: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.data = data
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.shuffle_row_groups = shuffle_row_groups
+        self.epoch = 0
+        self.files = sorted(files)
+        self.infos = inspect_files(self.files, data)
+        self.num_rows = sum(info.num_rows for info in self.infos)
+        if self.num_rows == 0:
+            raise DataError(f"no rows in {len(self.files)} file(s): {self.files[:3]}")
+        self._label_columns = list(dict.fromkeys(data.label_columns))
+        self._table_size = {t.name: t.num_embeddings for t in data.tables}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's row-group order and shuffle; call before iterating."""
+        self.epoch = epoch
+
+    def steps_per_epoch(self) -> int:
+        """Batches every rank yields per epoch: ``ceil(ceil(N / W) / B)``."""
+        return _ceil_div(_ceil_div(self.num_rows, self.world_size), self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch()
+
+    def rank_rows(self) -> tuple[int, int]:
+        """This rank's global row range ``[start, end)``."""
+        n, w, r = self.num_rows, self.world_size, self.rank
+        return r * n // w, (r + 1) * n // w
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        steps, size = self.steps_per_epoch(), self.batch_size
+        first, last = worker * steps // workers, (worker + 1) * steps // workers
+        start, end = self.rank_rows()
+        counts = [max(0, min(size, end - start - i * size)) for i in range(first, last)]
+        lo, hi = min(start + first * size, end), min(start + last * size, end)
+        # Decoding threads only in the main process: workers already are the parallelism.
+        chunks = self._read(lo, hi, use_threads=info is None)
+        empty = _Rows.empty(
+            len(self.data.sparse_features), len(self.data.dense_features), len(self._label_columns)
+        )
+        pieces = _rebatch(chunks, counts, empty)
+        if self.shuffle_buffer > 0:
+            # Seeded per worker too, so the shuffled order depends on num_workers.
+            group = _ceil_div(self.shuffle_buffer, size)
+            pieces = _shuffle(pieces, group, _rng(self.seed, self.epoch, self.rank, worker))
+        for rows in pieces:
+            yield self._to_batch(rows)
+
+    def _row_groups(self) -> list[_RowGroup]:
+        groups = []
+        for f, info in enumerate(self.infos):
+            first_rows = np.cumsum((0,) + info.row_groups[:-1]) if info.row_groups else []
+            groups += [
+                _RowGroup(f, g, n, int(r))
+                for g, (n, r) in enumerate(zip(info.row_groups, first_rows, strict=True))
+            ]
+        if self.shuffle_row_groups:
+            order = _rng(self.seed, self.epoch).permutation(len(groups))
+            groups = [groups[i] for i in order]
+        return groups
+
+    def _read(self, lo: int, hi: int, use_threads: bool) -> Iterator[_Rows]:
+        """Validated rows ``[lo, hi)`` of the epoch's global order, a slice at a time."""
+        offset, opened, parquet = 0, -1, None
+        try:
+            for group in self._row_groups():
+                begin, stop = max(lo, offset) - offset, min(hi, offset + group.rows) - offset
+                offset += group.rows
+                if begin < stop:
+                    if group.file != opened:  # consecutive row groups share the open file
+                        if parquet is not None:
+                            parquet.close()
+                        opened, parquet = group.file, pq.ParquetFile(self.files[group.file])
+                    yield from self._read_row_group(parquet, group, begin, stop, use_threads)
+                if offset >= hi:
+                    break
+        finally:
+            if parquet is not None:
+                parquet.close()
+
+    def _read_row_group(
+        self, parquet: pq.ParquetFile, group: _RowGroup, begin: int, stop: int, use_threads: bool
+    ) -> Iterator[_Rows]:
+        path = self.files[group.file]
+        pos = 0
+        for record_batch in parquet.iter_batches(
+            batch_size=max(self.batch_size, _MIN_READ_ROWS),
+            row_groups=[group.index],
+            columns=self.data.columns,
+            use_threads=use_threads,
+        ):
+            n = record_batch.num_rows
+            a, b = max(begin - pos, 0), min(stop - pos, n)
+            if a < b:
+                where = _Where(path, group.index, group.first_row + pos + a)
+                yield self._convert(record_batch.slice(a, b - a), where)
+            pos += n
+            if pos >= stop:
+                break
+
+    def _convert(self, rb: pa.RecordBatch, where: _Where) -> _Rows:
+        values, lengths = [], []
+        for feature in self.data.sparse_features:
+            flat, feature_lengths, offsets = _ids(rb.column(feature.name), feature, where)
+            values.append(_map_ids(flat, offsets, feature, self._table_size[feature.table], where))
+            lengths.append(feature_lengths)
+        if self.data.dense_features:
+            dense = np.stack([_dense(rb.column(c), c, where) for c in self.data.dense_features], axis=1)
+        else:
+            dense = np.zeros((rb.num_rows, 0), np.float32)
+        labels = np.stack([_label(rb.column(c), c, where) for c in self._label_columns])
+        return _Rows(values, lengths, dense, labels)
+
+    def _to_batch(self, rows: _Rows) -> Batch:
+        size, n = self.batch_size, len(rows)
+        lengths = np.zeros((len(rows.lengths), size), np.int32)  # key-major, padding rows 0
+        for i, feature_lengths in enumerate(rows.lengths):
+            lengths[i, :n] = feature_lengths
+        dense = np.zeros((size, rows.dense.shape[1]), np.float32)
+        dense[:n] = rows.dense
+        labels = np.zeros((len(self._label_columns), size), np.float32)
+        labels[:, :n] = rows.labels
+        weights = np.zeros(size, np.float32)
+        weights[:n] = 1.0
+        sparse = KeyedJaggedTensor(
+            keys=[f.name for f in self.data.sparse_features],
+            values=torch.from_numpy(np.concatenate(rows.values)),
+            lengths=torch.from_numpy(lengths.reshape(-1)),
+            stride=size,
+        )
+        column = {c: i for i, c in enumerate(self._label_columns)}
+        return Batch(
+            dense=torch.from_numpy(dense),
+            sparse=sparse,
+            labels={t.name: torch.from_numpy(labels[column[t.label]]) for t in self.data.tasks},
+            weights=torch.from_numpy(weights),
+        )
+
+
+def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: int = 2) -> DataLoader:
+    """A loader over ready-made batches; workers are re-created each epoch so ``set_epoch`` applies.
+
+    Example::
+
+        loader = make_dataloader(dataset, num_workers=2)
+        for epoch in range(epochs):
+            dataset.set_epoch(epoch)
+            for batch in loader: ...
+    """
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,1 @@
+from launch_helpers import valid_config  # noqa: F401  (fixture)

@@ -1,0 +1,71 @@
+"""Entry point run by torch.distributed.run on every rank.
+
+Example::
+
+    python -m torch.distributed.run --nproc_per_node 2 -m trainer.main \
+        --config configs/demo.yaml --set training.batch_size=4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+import torch.distributed as dist
+
+from data.parquet import DataError
+from trainer.config import ConfigError, load_config
+from trainer.distributed import RankFailure, describe_error, init_distributed
+from trainer.train import train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trainer.main", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. training.batch_size=4096 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    # Our loggers at INFO; libraries (fbgemm logs every table at INFO on the root logger) at WARNING.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for ours in ("trainer", "data", "modules"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    # Deprecation notices from inside fbgemm/torchrec that a user cannot act on.
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = init_distributed(config.training.collective_timeout_s)
+    try:
+        train(config, env)
+    except (DataError, RankFailure, FileNotFoundError) as e:
+        print(f"[rank {env.rank}] error: {describe_error(e)}", file=sys.stderr)
+        return 1
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

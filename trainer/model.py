@@ -1,0 +1,107 @@
+"""The module the train pipeline drives: embeddings + multi-task network + loss, built from config.
+
+Example::
+
+    module = build_train_module(config, device=torch.device("meta"))
+    loss, out = module(batch)        # what TrainPipelineSparseDist expects of a model
+    out.logits["click"]              # [B] logits
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from data.batch import Batch
+from data.config import DataConfig
+from modules.builders import build_embedding_collection, build_network
+from modules.loss import MultiTaskLoss, TaskLossSpec
+from modules.multitask import MultiTaskModel, pooled_embedding_width
+from trainer.config import ExperimentConfig
+
+
+class StepOutput(NamedTuple):
+    """Per-step results kept for logging and metrics (all detached)."""
+
+    loss: torch.Tensor
+    task_losses: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    example_weights: dict[str, torch.Tensor]
+
+
+class LossHead(nn.Module):
+    """Loss and detached step outputs from the logits.
+
+    A module of its own so that TorchRec's pipeline tracer treats it as an fx leaf: the tracer
+    follows ``TrainModule.forward`` only to find the sharded tables' inputs, and cannot iterate
+    over the label and logit dicts.
+    """
+
+    def __init__(self, loss: MultiTaskLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(
+        self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], weights: torch.Tensor
+    ) -> tuple[torch.Tensor, StepOutput]:
+        total, task_losses = self.loss(logits, labels, weights)
+        example_weights = self.loss.example_weights(labels, weights)
+        detached = {task: logit.detach() for task, logit in logits.items()}
+        return total, StepOutput(total.detach(), task_losses, detached, labels, example_weights)
+
+
+class TrainModule(nn.Module):
+    """``forward(batch) -> (loss, StepOutput)``; the embedding collection is ``model.ebc``."""
+
+    def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.head = LossHead(loss)
+
+    @property
+    def loss(self) -> MultiTaskLoss:
+        return self.head.loss
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        return self.head(self.model(batch.sparse, batch.dense), batch.labels, batch.weights)
+
+
+def embedding_bag_configs(data: DataConfig) -> list[EmbeddingBagConfig]:
+    """One TorchRec table config per configured table, listing the features that read it."""
+    pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+    return [
+        EmbeddingBagConfig(
+            name=table.name,
+            num_embeddings=table.num_embeddings,
+            embedding_dim=table.embedding_dim,
+            feature_names=[f.name for f in data.sparse_features if f.table == table.name],
+            pooling=pooling[table.pooling],
+        )
+        for table in data.tables
+    ]
+
+
+def loss_specs(data: DataConfig) -> list[TaskLossSpec]:
+    return [
+        TaskLossSpec(
+            name=t.name,
+            weight=t.loss_weight,
+            weight_decay=t.loss_weight_decay,
+            pos_weight=t.pos_weight,
+            sample_space=t.sample_space,
+        )
+        for t in data.tasks
+    ]
+
+
+def build_train_module(config: ExperimentConfig, device: torch.device) -> TrainModule:
+    """Embedding tables on ``device`` (``meta`` until DistributedModelParallel shards them)."""
+    ebc = build_embedding_collection(embedding_bag_configs(config.data), device)
+    num_dense = len(config.data.dense_features)
+    task_names = [t.name for t in config.data.tasks]
+    network = build_network(config.model, pooled_embedding_width(ebc) + num_dense, task_names)
+    return TrainModule(MultiTaskModel(ebc, num_dense, network), MultiTaskLoss(loss_specs(config.data)))

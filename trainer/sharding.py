@@ -1,0 +1,103 @@
+"""Sharding plans: TorchRec's planner on the real topology, config constraints, a JSON form.
+
+Example::
+
+    plan = plan_sharding(module, config, env)
+    write_json(run_dir / "sharding_plan.json", plan_to_dict(plan))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+
+from trainer.config import ExperimentConfig
+from trainer.distributed import DistEnv
+
+# What TorchRec can run on CPU (gloo): row-wise variants need CUDA (NCCL).
+CPU_SHARDING_TYPES = (
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+)
+
+
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    # The fused optimizer comes from apply_optimizer_in_backward on the tables' parameters.
+    return [EmbeddingBagCollectionSharder()]
+
+
+def table_constraints(config: ExperimentConfig, compute_device: str) -> dict[str, ParameterConstraints]:
+    """Per-table planner constraints: the config's, narrowed to what the device can run.
+
+    Raises:
+        ValueError: a table constrained to sharding types that ``compute_device`` cannot run.
+    """
+    constraints: dict[str, ParameterConstraints] = {}
+    for table in config.data.tables:
+        wanted = config.sharding.constraints.get(table.name)
+        types = list(wanted.sharding_types) if wanted and wanted.sharding_types else None
+        if compute_device == "cpu":
+            allowed = [t for t in (types or CPU_SHARDING_TYPES) if t in CPU_SHARDING_TYPES]
+            if not allowed:
+                raise ValueError(
+                    f"sharding.constraints.{table.name}.sharding_types: {types} cannot run on CPU; "
+                    f"CPU supports {list(CPU_SHARDING_TYPES)}"
+                )
+            types = allowed
+        kwargs: dict[str, Any] = {"sharding_types": types}
+        if wanted and wanted.compute_kernels:
+            kwargs["compute_kernels"] = list(wanted.compute_kernels)
+        if wanted and wanted.min_partition:
+            kwargs["min_partition"] = wanted.min_partition
+        constraints[table.name] = ParameterConstraints(**kwargs)
+    return constraints
+
+
+def plan_sharding(module: nn.Module, config: ExperimentConfig, env: DistEnv) -> ShardingPlan:
+    """Plan on rank 0 for the job's real topology and share the plan with every rank."""
+    topology = Topology(
+        world_size=env.world_size,
+        local_world_size=env.local_world_size,
+        compute_device=env.device.type,
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=config.training.batch_size,
+        constraints=table_constraints(config, env.device.type),
+        storage_reservation=HeuristicalStorageReservation(percentage=config.sharding.storage_reserve),
+        debug=False,
+    )
+    return planner.collective_plan(module, sharders(), env.cpu_group)
+
+
+def plan_to_dict(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
+    """``{module path: {table: {sharding_type, compute_kernel, ranks, shards}}}``, JSON-ready."""
+    out: dict[str, dict[str, Any]] = {}
+    for module_path, module_plan in plan.plan.items():
+        tables: dict[str, Any] = {}
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if ps.sharding_spec is not None:
+                for shard in ps.sharding_spec.shards:
+                    shards.append(
+                        {
+                            "offsets": list(shard.shard_offsets),
+                            "sizes": list(shard.shard_sizes),
+                            "placement": str(shard.placement),
+                        }
+                    )
+            tables[table] = {
+                "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel,
+                "ranks": list(ps.ranks) if ps.ranks is not None else None,
+                "shards": shards,
+            }
+        out[module_path] = tables
+    return out

@@ -1,0 +1,283 @@
+"""The distributed training loop: plan, shard, pipeline, evaluate, record.
+
+Example::
+
+    env = init_distributed()
+    final = train(load_config("configs/demo.yaml"), env)
+    final["click"]["auc"]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from data.batch import Batch
+from data.config import resolve_paths
+from data.parquet import ParquetDataset, make_dataloader
+from trainer.config import DenseOptimizerConfig, ExperimentConfig, SparseOptimizerConfig, dump_config
+from trainer.distributed import DistEnv, lockstep
+from trainer.metrics import TaskMetrics
+from trainer.model import StepOutput, TrainModule, build_train_module
+from trainer.sharding import plan_sharding, plan_to_dict, sharders
+
+logger = logging.getLogger(__name__)
+
+
+def apply_sparse_optimizer(module: TrainModule, cfg: SparseOptimizerConfig) -> None:
+    """Fuse the table optimizer into the backward pass (TorchRec's fused TBE update)."""
+    classes: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+        "rowwise_adagrad": (RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps}),
+        "adagrad": (torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps}),
+        "sgd": (torch.optim.SGD, {"lr": cfg.lr}),
+    }
+    optimizer_class, kwargs = classes[cfg.type]
+    apply_optimizer_in_backward(optimizer_class, module.model.ebc.parameters(), kwargs)
+
+
+def dense_optimizer(model: torch.nn.Module, cfg: DenseOptimizerConfig) -> KeyedOptimizerWrapper:
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    factories = {
+        "adam": lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "sgd": lambda p: torch.optim.SGD(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    }
+    return KeyedOptimizerWrapper(params, factories[cfg.type])
+
+
+class RunRecorder:
+    """Rank 0's outputs in the run directory: metrics.jsonl, eval_metrics.json, TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                logger.info("tensorboard is not installed; no TensorBoard scalars")
+            else:
+                self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write_json(self, name: str, payload: Any) -> None:
+        if self.enabled:
+            (self.run_dir / name).write_text(json.dumps(payload, indent=2) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            (self.run_dir / name).write_text(text)
+
+    def record(self, phase: str, step: int, epoch: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = {"phase": phase, "step": step, "epoch": epoch, **values}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self._tensorboard is not None:
+            for key, value in _flatten(values).items():
+                self._tensorboard.add_scalar(f"{phase}/{key}", value, step)
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def _run_phase(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) -> Iterator[StepOutput]:
+    """Drive the pipeline until ``batches`` ends; the pipeline drains every batch it fetched."""
+    while True:
+        try:
+            yield pipeline.progress(batches)
+        except StopIteration:
+            return
+
+
+class Trainer:
+    """Owns the sharded model, its pipeline and the data; ``fit()`` runs the whole schedule."""
+
+    def __init__(self, config: ExperimentConfig, env: DistEnv) -> None:
+        self.config = config
+        self.env = env
+        training = config.training
+        self.recorder = RunRecorder(Path(config.run_dir), enabled=env.is_main)
+        self.recorder.write_text("config.yaml", dump_config(config))
+
+        torch.manual_seed(training.seed)
+        data_kwargs = dict(
+            data=config.data,
+            batch_size=training.batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=training.seed,
+        )
+        self.train_set = ParquetDataset(
+            resolve_paths(config.data.train, "data.train"),
+            shuffle_buffer=training.shuffle_buffer,
+            shuffle_row_groups=training.shuffle_buffer > 0,
+            **data_kwargs,
+        )
+        self.eval_set = ParquetDataset(resolve_paths(config.data.eval, "data.eval"), **data_kwargs)
+
+        module = build_train_module(config, torch.device("meta"))
+        self.loss = module.loss
+        apply_sparse_optimizer(module, training.sparse_optimizer)
+        plan = plan_sharding(module, config, env)
+        self.recorder.write_json("sharding_plan.json", plan_to_dict(plan))
+        self._log_plan(plan_to_dict(plan))
+        self.model = DistributedModelParallel(
+            module,
+            device=env.device,
+            plan=plan,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            sharders=sharders(),
+        )
+        optimizer = CombinedOptimizer(
+            [self.model.fused_optimizer, dense_optimizer(self.model, training.dense_optimizer)]
+        )
+        self.pipeline = TrainPipelineSparseDist(self.model, optimizer, env.device)
+        self.task_names = [t.name for t in config.data.tasks]
+        eval_examples = self.eval_set.steps_per_epoch() * training.batch_size * env.world_size
+        self.metrics = TaskMetrics(self.task_names, env, training.batch_size, eval_examples)
+        self.step = 0
+
+    def _log_plan(self, plan: dict[str, dict[str, Any]]) -> None:
+        if not self.env.is_main:
+            return
+        for module_path, tables in plan.items():
+            for table, placement in tables.items():
+                logger.info(
+                    "sharding %s.%s: %s on ranks %s (%s)",
+                    module_path or "<root>",
+                    table,
+                    placement["sharding_type"],
+                    placement["ranks"],
+                    placement["compute_kernel"],
+                )
+
+    def _batches(self, dataset: ParquetDataset) -> Iterator[Batch]:
+        loader = make_dataloader(dataset, self.config.training.num_workers)
+        return lockstep(iter(loader), self.env.cpu_group)
+
+    def evaluate(self, epoch: int) -> dict[str, dict[str, float]]:
+        """One full pass over the evaluation set; every rank takes part."""
+        self.model.eval()
+        self.metrics.reset()
+        with torch.no_grad():
+            for out in _run_phase(self.pipeline, self._batches(self.eval_set)):
+                self.metrics.update(out.logits, out.labels, out.example_weights)
+        self.model.train()
+        result = self.metrics.compute()
+        self.recorder.record("eval", self.step, epoch, result)
+        if self.env.is_main:
+            summary = "  ".join(
+                f"{t}: auc {m['auc']:.4f} ne {m['ne']:.4f} logloss {m['logloss']:.4f}"
+                for t, m in result.items()
+            )
+            logger.info("eval step %d epoch %d | %s", self.step, epoch, summary)
+        return result
+
+    def _segments(self, steps_per_epoch: int) -> list[int]:
+        """Lengths of the training stretches of one epoch, cut at every global step that is a
+        multiple of ``eval_interval`` (evaluation also runs at each epoch's end)."""
+        training = self.config.training
+        remaining = steps_per_epoch
+        if training.max_steps is not None:
+            remaining = min(remaining, training.max_steps - self.step)
+        lengths, step = [], self.step
+        while remaining > 0:
+            interval = training.eval_interval
+            to_eval = interval - step % interval if interval else remaining
+            lengths.append(min(to_eval, remaining))
+            remaining -= lengths[-1]
+            step += lengths[-1]
+        return lengths
+
+    def train_segment(self, batches: Iterator[Batch], length: int, epoch: int) -> None:
+        training = self.config.training
+        samples_per_step = training.batch_size * self.env.world_size
+        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        for out in _run_phase(self.pipeline, itertools.islice(batches, length)):
+            self.step += 1
+            window_steps += 1
+            window_loss += float(out.loss)
+            if self.step % training.log_interval == 0:
+                elapsed = time.perf_counter() - window_start
+                values = {
+                    "loss": window_loss / window_steps,
+                    "samples_per_s": window_steps * samples_per_step / elapsed,
+                }
+                self.recorder.record("train", self.step, epoch, values)
+                if self.env.is_main:
+                    logger.info(
+                        "train step %d epoch %d | loss %.4f (rank 0) | %.0f samples/s",
+                        self.step,
+                        epoch,
+                        values["loss"],
+                        values["samples_per_s"],
+                    )
+                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+
+    def fit(self) -> dict[str, dict[str, float]]:
+        training = self.config.training
+        steps_per_epoch = self.train_set.steps_per_epoch()
+        if self.env.is_main:
+            logger.info(
+                "training %d epochs x %d steps per rank, batch %d per rank, %d ranks",
+                training.epochs,
+                steps_per_epoch,
+                training.batch_size,
+                self.env.world_size,
+            )
+        final: dict[str, dict[str, float]] = {}
+        for epoch in range(training.epochs):
+            segments = self._segments(steps_per_epoch)
+            if not segments:
+                break
+            self.loss.set_epoch(epoch)
+            self.train_set.set_epoch(epoch)
+            batches = self._batches(self.train_set)
+            for length in segments:
+                self.train_segment(batches, length, epoch)
+                final = self.evaluate(epoch)
+            _close(batches)
+        self.recorder.write_json("eval_metrics.json", final)
+        self.recorder.close()
+        return final
+
+
+def _close(batches: Iterator[Batch]) -> None:
+    """Stop a partly consumed epoch (max_steps) so its loader workers exit now."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
+def train(config: ExperimentConfig, env: DistEnv) -> dict[str, dict[str, float]]:
+    return Trainer(config, env).fit()
