@@ -160,10 +160,12 @@ def _build_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, load_config, validate_data
 
     try:
-        load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
+        if not args.dryrun:  # a dry run only prints the request; the data may live elsewhere
+            validate_data(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -180,7 +182,7 @@ def _train(args: argparse.Namespace) -> int:
         *args.overrides,
         config=args.config,
         nproc_per_node=args.nproc_per_node,
-        env={"PATH": bin_dir},
+        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
     cfg = {"log_dir": os.path.abspath(args.log_dir)} if args.log_dir else {}
 

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from data.config import DataConfig, StrictModel
+from data.config import DataConfig, StrictModel, resolve_paths
+from data.parquet import DataError, inspect_files
 from modules.config import ModelConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -188,6 +189,22 @@ def load_config(
     if base_dir is not None:
         config = _rebase_paths(config, Path(base_dir))
     return config
+
+
+def validate_data(config: ExperimentConfig) -> None:
+    """Check before any process starts that the data matches the config, from Parquet footers only:
+    every path matches files, and every feature and label column exists with a usable type.
+
+    Raises:
+        ConfigError: naming the key (``data.train``/``data.eval``), the file and the column.
+    """
+    for key in ("train", "eval"):
+        try:
+            inspect_files(resolve_paths(getattr(config.data, key), f"data.{key}"), config.data)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        except DataError as e:
+            raise ConfigError(f"data.{key}: {e}") from None
 
 
 def _rebase_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:

@@ -17,7 +17,7 @@ import warnings
 import torch.distributed as dist
 
 from data.parquet import DataError
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, load_config, validate_data
 from trainer.distributed import RankFailure, describe_error, init_distributed
 from trainer.train import train
 
@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     try:
         config = load_config(args.config, args.overrides)
+        validate_data(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = init_distributed(config.training.collective_timeout_s)
     try:
         train(config, env)
-    except (DataError, RankFailure, FileNotFoundError) as e:
+    except (DataError, RankFailure) as e:
         print(f"[rank {env.rank}] error: {describe_error(e)}", file=sys.stderr)
         return 1
     finally:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 
 import pytest
-from launch_helpers import script
+from launch_helpers import REPO, script
 
 from launch import cli
 
@@ -66,18 +65,47 @@ def test_subcommands_come_from_the_registry():
         cli.command("train")(lambda subparsers: None)
 
 
-def test_data_synth_calls_write_synthetic(monkeypatch, tmp_path, capsys):
-    calls = []
-    fake = types.ModuleType("data.synth")
-    fake.write_synthetic = lambda out_dir, rows, files=4, seed=0: calls.append(
-        (out_dir, rows, files, seed)
-    ) or {"rows": rows}
-    monkeypatch.setitem(sys.modules, "data.synth", fake)
+def test_data_synth_writes_parquet_and_a_config_that_loads(tmp_path, capsys):
+    from trainer.config import load_config, validate_data
+
     out = tmp_path / "d"
-    assert cli.main(["data", "synth", "--out", str(out), "--rows", "100", "--seed", "7"]) == 0
-    assert calls == [(str(out), 100, 4, 7)]
+    assert (
+        cli.main(["data", "synth", "--out", str(out), "--rows", "3000", "--files", "2", "--seed", "7"]) == 0
+    )
     printed = capsys.readouterr().out
     assert str(out) in printed and str(out / "config.yaml") in printed
+    assert len(list((out / "train").glob("*.parquet"))) == 2
+    validate_data(load_config(out / "config.yaml"))
+
+
+def test_train_runs_the_real_trainer_on_two_processes(synth_data, tmp_path):
+    """`towerrec train`, the one-machine shortcut to the TorchX component, end to end."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [str(script("towerrec")), "train", "--config", str(synth_data / "config.yaml"),
+         "--nproc_per_node", "2", "--set", f"run_dir={run_dir}", "--set", "training.batch_size=512"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "2 ranks" in result.stdout + result.stderr
+    assert (run_dir / "eval_metrics.json").exists()
+
+
+def test_train_checks_the_data_before_launching(synth_data, tmp_path):
+    result = subprocess.run(
+        [str(script("towerrec")), "train", "--config", str(synth_data / "config.yaml"),
+         "--set", "data.tasks.0.label=clicked"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "data.train:" in result.stderr and "column 'clicked' (label) is missing" in result.stderr
+    assert "launched" not in result.stderr  # failed before any process started
+    missing = subprocess.run(
+        [str(script("towerrec")), "train", "--config", str(synth_data / "config.yaml"),
+         "--set", f"data.eval={tmp_path / 'nowhere'}/*.parquet"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "data.eval:" in missing.stderr and "matches no file" in missing.stderr
 
 
 def test_data_synth_rejects_non_positive_rows(capsys):

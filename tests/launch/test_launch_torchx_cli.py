@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -67,35 +67,29 @@ def test_slurm_dryrun():
     assert "-m trainer.main --config configs/demo.yaml --set training.batch_size=4096" in request
 
 
-STANDIN = textwrap.dedent(
-    """\
-    # stand-in for trainer.main: checks the torchrun environment with one gloo all-reduce
-    import os, sys, torch, torch.distributed as dist
-    dist.init_process_group("gloo")
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    print(f"STANDIN rank={dist.get_rank()} world={dist.get_world_size()} sum={int(t.item())} "
-          f"args={' '.join(sys.argv[1:])}", flush=True)
-    dist.destroy_process_group()
-    """
-)
-
-
-def test_local_two_nodes_on_one_machine(tmp_path):
-    """2 nodes x 1 process via local_cwd: two torchrun agents meet at localhost:<free port>.
-
-    Runs a stand-in trainer.main from a scratch working directory (local_cwd runs there).
-    """
-    (tmp_path / "trainer").mkdir()
-    (tmp_path / "trainer" / "__init__.py").write_text("")
-    (tmp_path / "trainer" / "main.py").write_text(STANDIN)
+def _train_through_torchx(synth_data: Path, tmp_path: Path, *topology: str) -> dict:
+    run_dir = tmp_path / "run"
     result = run(
-        "run", "-s", "local_cwd", str(REPO / COMPONENT), "--config", "c.yaml",
-        "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_port", str(free_port()),
-        "--", "training.seed=3",
-        cwd=tmp_path,
+        "run", "-s", "local_cwd", COMPONENT, "--config", str(synth_data / "config.yaml"),
+        *topology,
+        "--", f"run_dir={run_dir}", "training.batch_size=512", "training.log_interval=5",
+        timeout=300,
     )  # fmt: skip
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    for rank in (0, 1):
-        assert f"STANDIN rank={rank} world=2 sum=2 args=--config c.yaml --set training.seed=3" in output
+    assert result.returncode == 0, output[-4000:]
+    assert "training 1 epochs x 16 steps per rank, batch 512 per rank, 2 ranks" in output
+    return json.loads((run_dir / "eval_metrics.json").read_text())
+
+
+def test_local_one_node_two_processes_trains(synth_data, tmp_path):
+    """The real trainer, 1 node x 2 processes, launched by the torchx CLI on local_cwd."""
+    metrics = _train_through_torchx(synth_data, tmp_path, "--nproc_per_node", "2")
+    assert set(metrics) == {"click", "conversion"}
+
+
+def test_local_two_nodes_on_one_machine_trains(synth_data, tmp_path):
+    """2 nodes x 1 process: two torchrun agents meet by c10d rendezvous at localhost:<free port>."""
+    metrics = _train_through_torchx(
+        synth_data, tmp_path, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_port", str(free_port())
+    )
+    assert set(metrics) == {"click", "conversion"}

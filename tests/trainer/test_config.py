@@ -110,3 +110,18 @@ def test_missing_file_and_malformed_override(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_override({}, "training.batch_size")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_config_is_what_data_synth_writes() -> None:
+    from data.synth import synthetic_config
+
+    committed = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert committed == synthetic_config("runs/demo-data", run_dir="runs/demo")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    load_config(path)

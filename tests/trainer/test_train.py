@@ -9,21 +9,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import yaml
 from dist_utils import free_port, run_on_ranks
 
-from data.synth import write_synthetic
-
 ROOT = Path(__file__).resolve().parents[2]
 CPU_TYPES = {"data_parallel", "table_wise", "column_wise", "table_column_wise"}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    write_synthetic(str(out), rows=20_000, files=3, seed=0, row_group_rows=2048)
-    return out
 
 
 def torchrun(config: Path, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -45,10 +35,10 @@ def torchrun(config: Path, overrides: list[str], timeout: float = 300) -> subpro
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_rank_run_trains_evaluates_and_records(synth: Path, tmp_path: Path) -> None:
+def test_two_rank_run_trains_evaluates_and_records(synth_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = torchrun(
-        synth / "config.yaml",
+        synth_data / "config.yaml",
         [
             f"run_dir={run_dir}",
             "training.batch_size=256",
@@ -118,8 +108,10 @@ def _train_and_compare_tables(rank: int, world_size: int, config_path: str, run_
     return {name: bool((after[name] != before[name]).any()) for name in before}
 
 
-def test_every_table_learns_whatever_its_placement(synth: Path, tmp_path: Path) -> None:
-    results = run_on_ranks(_train_and_compare_tables, 2, args=(str(synth / "config.yaml"), str(tmp_path)))
+def test_every_table_learns_whatever_its_placement(synth_data: Path, tmp_path: Path) -> None:
+    results = run_on_ranks(
+        _train_and_compare_tables, 2, args=(str(synth_data / "config.yaml"), str(tmp_path))
+    )
     changed: dict[str, bool] = {}
     for status, value in results:
         assert status == "ok", value
@@ -128,20 +120,20 @@ def test_every_table_learns_whatever_its_placement(synth: Path, tmp_path: Path) 
     assert changed == {t: True for t in ("user", "item", "category", "city", "device")}
 
 
-def test_bad_row_stops_every_rank_with_a_named_error(synth: Path, tmp_path: Path) -> None:
+def test_bad_row_stops_every_rank_with_a_named_error(synth_data: Path, tmp_path: Path) -> None:
     # A last file (rank 1's share of the rows) whose row 37 has an item id beyond the table.
-    good = pq.read_table(next((synth / "train").glob("*.parquet"))).slice(0, 300)
+    good = pq.read_table(next((synth_data / "train").glob("*.parquet"))).slice(0, 300)
     item_ids = good.column("item_id").to_pylist()
     item_ids[37] = 10**9
     bad = good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(item_ids, pa.int64()))
     bad_file = tmp_path / "zz-bad.parquet"
     pq.write_table(bad, bad_file, row_group_size=100)
     result = torchrun(
-        synth / "config.yaml",
+        synth_data / "config.yaml",
         [
             f"run_dir={tmp_path / 'run'}",
             "training.batch_size=256",
-            f"data.train=[{synth / 'train'}, {bad_file}]",
+            f"data.train=[{synth_data / 'train'}, {bad_file}]",
         ],
         timeout=120,  # the collective timeout is 600 s: finishing here means no rank waited on it
     )
