@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 DEMO_DATA ?= runs/demo-data
-DEMO_ROWS ?= 200000
+DEMO_ROWS ?= 1000000
 
 .PHONY: setup demo test clean
 

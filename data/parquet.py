@@ -45,9 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.batch import Batch
+from data.batch import Batch, PackedBatch
 from data.config import DataConfig, SparseFeatureConfig
 from data.hashing import hash_ids
 
@@ -382,6 +381,10 @@ class ParquetDataset(IterableDataset[Batch]):
         return r * n // w, (r + 1) * n // w
 
     def __iter__(self) -> Iterator[Batch]:
+        return (packed.unpack() for packed in self.packed_batches())
+
+    def packed_batches(self) -> Iterator[PackedBatch]:
+        """This rank's (and, inside a DataLoader worker, this worker's) batches, packed."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         steps, size = self.steps_per_epoch(), self.batch_size
@@ -400,7 +403,7 @@ class ParquetDataset(IterableDataset[Batch]):
             group = _ceil_div(self.shuffle_buffer, size)
             pieces = _shuffle(pieces, group, _rng(self.seed, self.epoch, self.rank, worker))
         for rows in pieces:
-            yield self._to_batch(rows)
+            yield self._pack(rows)
 
     def _row_groups(self) -> list[_RowGroup]:
         groups = []
@@ -467,33 +470,54 @@ class ParquetDataset(IterableDataset[Batch]):
         labels = np.stack([_label(rb.column(c), c, where) for c in self._label_columns])
         return _Rows(values, lengths, dense, labels)
 
-    def _to_batch(self, rows: _Rows) -> Batch:
+    def _pack(self, rows: _Rows) -> PackedBatch:
+        """Pad ``rows`` to B rows (zero-weight rows: no ids, zero dense and labels) and pack them."""
         size, n = self.batch_size, len(rows)
-        lengths = np.zeros((len(rows.lengths), size), np.int32)  # key-major, padding rows 0
+        lengths = np.zeros((len(rows.lengths), size), np.int64)  # key-major, padding rows 0
         for i, feature_lengths in enumerate(rows.lengths):
             lengths[i, :n] = feature_lengths
         dense = np.zeros((size, rows.dense.shape[1]), np.float32)
         dense[:n] = rows.dense
-        labels = np.zeros((len(self._label_columns), size), np.float32)
-        labels[:, :n] = rows.labels
+        column = {c: i for i, c in enumerate(self._label_columns)}
+        labels = np.zeros((len(self.data.tasks), size), np.float32)
+        labels[:, :n] = rows.labels[[column[t.label] for t in self.data.tasks]]
         weights = np.zeros(size, np.float32)
         weights[:n] = 1.0
-        sparse = KeyedJaggedTensor(
-            keys=[f.name for f in self.data.sparse_features],
-            values=torch.from_numpy(np.concatenate(rows.values)),
-            lengths=torch.from_numpy(lengths.reshape(-1)),
-            stride=size,
-        )
-        column = {c: i for i, c in enumerate(self._label_columns)}
-        return Batch(
-            dense=torch.from_numpy(dense),
-            sparse=sparse,
-            labels={t.name: torch.from_numpy(labels[column[t.label]]) for t in self.data.tasks},
-            weights=torch.from_numpy(weights),
+        return PackedBatch.pack(
+            np.concatenate(rows.values),
+            lengths,
+            dense,
+            labels,
+            weights,
+            keys=tuple(f.name for f in self.data.sparse_features),
+            tasks=tuple(t.name for t in self.data.tasks),
         )
 
 
-def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: int = 2) -> DataLoader:
+class _PackedBatches(IterableDataset[PackedBatch]):
+    """What DataLoader workers iterate: the dataset's batches, still packed for the hop."""
+
+    def __init__(self, dataset: ParquetDataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        return self.dataset.packed_batches()
+
+
+class BatchLoader:
+    """Iterates :class:`Batch` es: a DataLoader over packed batches, unpacked on arrival."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (packed.unpack() for packed in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader.dataset.dataset)  # type: ignore[attr-defined]
+
+
+def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: int = 2) -> BatchLoader:
     """A loader over ready-made batches; workers are re-created each epoch so ``set_epoch`` applies.
 
     Example::
@@ -503,11 +527,12 @@ def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: 
             dataset.set_epoch(epoch)
             for batch in loader: ...
     """
-    return DataLoader(
-        dataset,
+    loader = DataLoader(
+        _PackedBatches(dataset),
         batch_size=None,
         num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+    return BatchLoader(loader)

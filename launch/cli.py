@@ -40,9 +40,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 def _add_parser(subparsers, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
-        name, help=help, description=description, formatter_class=_Formatter
-    )
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=_Formatter)
 
 
 def _require_subcommand(parser: argparse.ArgumentParser) -> Handler:

@@ -66,9 +66,7 @@ def trainer_args(config: str, overrides: Iterable[str]) -> List[str]:
             continue
         key, sep, _ = override.partition("=")
         if not sep or not key or key.startswith("-"):
-            raise ValueError(
-                f"override {override!r}: expected KEY=VALUE, e.g. training.batch_size=4096"
-            )
+            raise ValueError(f"override {override!r}: expected KEY=VALUE, e.g. training.batch_size=4096")
         args += ["--set", override]
     return args
 
@@ -109,9 +107,11 @@ def train(
         gpu: GPUs per node
         memMB: memory per node in MB
         h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
-        max_restarts: in-place restarts of all ranks by torchrun after a rank fails (from the start: trainer.main does not resume)
+        max_restarts: in-place restarts of all ranks by torchrun after a rank fails (training
+            starts over: trainer.main does not resume yet)
         max_retries: scheduler-level retries of the whole job (Volcano maxRetry, slurm requeue)
-        rdzv_port: c10d rendezvous port on the first node when nnodes > 1 (with nnodes 1 a free port is chosen)
+        rdzv_port: c10d rendezvous port on the first node when nnodes > 1 (with one node a free
+            port is chosen)
         env: extra environment variables for every node, e.g. LOGLEVEL=INFO,OMP_NUM_THREADS=4
         name: job name
     """
@@ -154,9 +154,7 @@ def train(
     role_env = {"LOGLEVEL": "WARNING"}  # torchrun's own logging; the trainer logs at INFO
     role_env.update(env or {})
 
-    resource = (
-        specs.resource(h=h) if h else specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB)
-    )
+    resource = specs.resource(h=h) if h else specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB)
     return specs.AppDef(
         name=name,
         roles=[

@@ -66,9 +66,7 @@ class Gate(nn.Module):
         """
         if isinstance(candidates, (list, tuple)):
             if len(candidates) != self.num_candidates:
-                raise ValueError(
-                    f"gate expects {self.num_candidates} candidates, got {len(candidates)}"
-                )
+                raise ValueError(f"gate expects {self.num_candidates} candidates, got {len(candidates)}")
             candidates = torch.stack(list(candidates), dim=1)
         weights = self.weights(selector)
         # bmm (unlike broadcasting `w[..., None] * c`) fails loudly if n differs from the

@@ -101,9 +101,7 @@ class MultiTaskLoss(nn.Module):
         per_task: Dict[str, torch.Tensor] = {}
         for s in self.specs:
             logit = logits[s.name]
-            pos_weight = (
-                None if s.pos_weight is None else torch.tensor(s.pos_weight, device=logit.device)
-            )
+            pos_weight = None if s.pos_weight is None else torch.tensor(s.pos_weight, device=logit.device)
             bce = F.binary_cross_entropy_with_logits(
                 logit, labels[s.name].to(logit.dtype), pos_weight=pos_weight, reduction="none"
             )

@@ -50,8 +50,7 @@ class MultiTaskModel(nn.Module):
         expected = getattr(network, "in_features", None)
         if expected is not None and expected != self.in_features:
             raise ValueError(
-                f"network expects {expected} input features but embeddings + dense give "
-                f"{self.in_features}"
+                f"network expects {expected} input features but embeddings + dense give {self.in_features}"
             )
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -78,13 +78,9 @@ class ExtractionLevel(nn.Module):
 
         # Nested per task: task k owns exactly experts_per_task[k] experts, so no flat index math
         # (the classic bug is slicing a flat list with the task count instead of m_k).
-        self.task_experts = nn.ModuleList(
-            nn.ModuleList(expert() for _ in range(m)) for m in experts_per_task
-        )
+        self.task_experts = nn.ModuleList(nn.ModuleList(expert() for _ in range(m)) for m in experts_per_task)
         self.shared_experts = nn.ModuleList(expert() for _ in range(shared_experts))
-        self.task_gates = nn.ModuleList(
-            Gate(in_features, m + shared_experts) for m in experts_per_task
-        )
+        self.task_gates = nn.ModuleList(Gate(in_features, m + shared_experts) for m in experts_per_task)
         self.shared_gate: Optional[Gate] = (
             Gate(in_features, sum(experts_per_task) + shared_experts) if shared_gate else None
         )
@@ -94,11 +90,11 @@ class ExtractionLevel(nn.Module):
         """``task_inputs[k]`` feeds task k's experts and gate; ``shared_input`` the shared ones."""
         shared_outs = [e(shared_input) for e in self.shared_experts]
         task_outs = [
-            [e(inp) for e in experts] for experts, inp in zip(self.task_experts, task_inputs)
+            [e(inp) for e in experts] for experts, inp in zip(self.task_experts, task_inputs, strict=True)
         ]
         gated: List[torch.Tensor] = []
         task_weights: List[torch.Tensor] = []
-        for gate, own, inp in zip(self.task_gates, task_outs, task_inputs):
+        for gate, own, inp in zip(self.task_gates, task_outs, task_inputs, strict=True):
             g, w = gate(inp, own + shared_outs, return_weights=True)
             gated.append(g)
             task_weights.append(w)
@@ -157,9 +153,7 @@ class PLE(nn.Module):
             else list(experts_per_task)
         )
         if len(counts) != len(self.task_names):
-            raise ValueError(
-                f"experts_per_task has {len(counts)} counts for {len(self.task_names)} tasks"
-            )
+            raise ValueError(f"experts_per_task has {len(counts)} counts for {len(self.task_names)} tasks")
         self.in_features = in_features
         self.experts_per_task: List[int] = counts
         mlp_kw = dict(activation=activation, norm=norm, dropout=dropout)
@@ -180,9 +174,7 @@ class PLE(nn.Module):
         self.levels = nn.ModuleList(levels)
         self.towers = nn.ModuleDict({t: Tower(width, tower_hidden, **mlp_kw) for t in self.task_names})
 
-    def forward_with_gates(
-        self, x: torch.Tensor
-    ) -> Tuple[Dict[str, torch.Tensor], List[LevelGates]]:
+    def forward_with_gates(self, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], List[LevelGates]]:
         """Logits as in :meth:`forward` plus the gate weights of every level."""
         task_inputs = [x] * len(self.task_names)
         shared_input: Optional[torch.Tensor] = x
@@ -190,8 +182,10 @@ class PLE(nn.Module):
         for level in self.levels:
             out = level(task_inputs, shared_input)
             task_inputs, shared_input = out.task, out.shared
-            gates.append(LevelGates(dict(zip(self.task_names, out.task_weights)), out.shared_weights))
-        logits = {t: self.towers[t](g) for t, g in zip(self.task_names, task_inputs)}
+            gates.append(
+                LevelGates(dict(zip(self.task_names, out.task_weights, strict=True)), out.shared_weights)
+            )
+        logits = {t: self.towers[t](g) for t, g in zip(self.task_names, task_inputs, strict=True)}
         return logits, gates
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

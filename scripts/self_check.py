@@ -32,10 +32,7 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001
         print(f"self-check failed: torchrec does not import ({type(e).__name__}: {e}).")
         return 1
-    print(
-        f"self-check ok: torch {torch.__version__}, torchrec {torchrec.__version__}, "
-        "fbgemm operator ran"
-    )
+    print(f"self-check ok: torch {torch.__version__}, torchrec {torchrec.__version__}, fbgemm operator ran")
     return 0
 
 

@@ -12,7 +12,9 @@ from modules.ple import PLE
 
 TABLES = [
     EmbeddingBagConfig(name="user", num_embeddings=20, embedding_dim=4, feature_names=["user_id"]),
-    EmbeddingBagConfig(name="item", num_embeddings=30, embedding_dim=3, feature_names=["item_id", "item_hist"]),
+    EmbeddingBagConfig(
+        name="item", num_embeddings=30, embedding_dim=3, feature_names=["item_id", "item_hist"]
+    ),
 ]
 POOLED = 4 + 3 * 2
 NUM_DENSE = 2

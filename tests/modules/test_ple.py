@@ -22,7 +22,7 @@ def _ple(num_levels=2, **kw):
 
 def test_candidate_counts_per_gate():
     ple = _ple(num_levels=2)
-    for j, level in enumerate(ple.levels):
+    for level in ple.levels:
         assert [len(e) for e in level.task_experts] == COUNTS
         assert len(level.shared_experts) == M_S
         assert [g.num_candidates for g in level.task_gates] == [m + M_S for m in COUNTS]
@@ -37,7 +37,7 @@ def test_shapes_and_gate_weights_with_uneven_experts():
     assert list(logits) == TASKS and all(v.shape == (7,) for v in logits.values())
     assert len(gates) == 2
     for level in gates:
-        for t, m in zip(TASKS, COUNTS):
+        for t, m in zip(TASKS, COUNTS, strict=True):
             w = level.task[t]
             assert w.shape == (7, m + M_S)
             torch.testing.assert_close(w.sum(1), torch.ones(7))
@@ -77,7 +77,7 @@ def test_task_gate_candidates_are_own_plus_shared_experts():
         _, cands = seen["gate_in"][k]
         own = [seen["expert_out"][(k, i)] for i in range(m)]
         assert len(cands) == m + M_S
-        assert all(c is o for c, o in zip(cands, own + shared))
+        assert all(c is o for c, o in zip(cands, own + shared, strict=True))
 
 
 def test_shared_gate_candidates_are_all_experts():
@@ -87,7 +87,7 @@ def test_shared_gate_candidates_are_all_experts():
     _, cands = seen["gate_in"]["s"]
     every = [seen["expert_out"][(k, i)] for k, m in enumerate(COUNTS) for i in range(m)]
     every += [seen["expert_out"][("s", i)] for i in range(M_S)]
-    assert len(cands) == len(every) and all(c is e for c, e in zip(cands, every))
+    assert len(cands) == len(every) and all(c is e for c, e in zip(cands, every, strict=True))
 
 
 def _perturb_task_experts(level, task):
