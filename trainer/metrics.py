@@ -5,7 +5,8 @@ Example::
     metrics = TaskMetrics(["click", "conversion"], env, batch_size=1024, max_examples=10**6)
     for out in outputs:
         metrics.update(out.logits, out.labels, out.example_weights)
-    metrics.compute()  # {"click": {"auc": 0.74, "ne": 0.91, "logloss": 0.45}, ...}
+    metrics.compute()  # {"click": {"auc": 0.74, "ne": 0.91, "logloss": 0.45,
+                       #            "examples": 40000.0, "positives": 8100.0}, ...}
 
 ``logloss`` is the mean binary cross-entropy in nats; ``ne`` is it divided by the entropy of the
 labels' mean (normalised entropy, lower is better, 1 = predicting the base rate).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecComputeMode, RecTaskInfo
 from torchrec.metrics.ne import NEMetric
@@ -49,6 +51,9 @@ class TaskMetrics:
         )
         self._auc = AUCMetric(**common)
         self._ne = NEMetric(**common, include_logloss=True)
+        self._group = env.cpu_group
+        # Weighted example and positive counts per task, so a report shows what it was computed on.
+        self._counts = torch.zeros(len(tasks), 2, dtype=torch.float64)
 
     def update(
         self,
@@ -61,23 +66,33 @@ class TaskMetrics:
         weights = {t: weights[t].float().cpu() for t in self.tasks}
         for metric in (self._auc, self._ne):
             metric.update(predictions=predictions, labels=labels, weights=weights)
+        for i, t in enumerate(self.tasks):
+            self._counts[i, 0] += weights[t].double().sum()
+            self._counts[i, 1] += (weights[t] * labels[t]).double().sum()
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """Collective: every rank must call it. Returns ``{task: {auc, ne, logloss}}``."""
+        """Collective: every rank must call it. Returns ``{task: {auc, ne, logloss, examples,
+        positives}}`` (examples and positives: weighted counts over all ranks)."""
         values = {**self._auc.compute(), **self._ne.compute()}
+        counts = self._counts.clone()
+        if dist.is_initialized():
+            dist.all_reduce(counts, group=self._group)
         result: dict[str, dict[str, float]] = {}
-        for task in self.tasks:
+        for i, task in enumerate(self.tasks):
             result[task] = {
                 "auc": _pick(values, f"auc-{task}|window_auc"),
                 "ne": _pick(values, f"ne-{task}|lifetime_ne"),
                 # torchrec's logloss is in bits (log2); report nats, like the training loss.
                 "logloss": _pick(values, f"ne-{task}|lifetime_logloss") * math.log(2),
+                "examples": float(counts[i, 0]),
+                "positives": float(counts[i, 1]),
             }
         return result
 
     def reset(self) -> None:
         self._auc.reset()
         self._ne.reset()
+        self._counts.zero_()
 
 
 def _pick(values: dict[str, torch.Tensor], key: str) -> float:

@@ -50,7 +50,13 @@ def reference(task: str) -> dict[str, float]:
     logloss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     p = labels.mean().item()
     entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    return {"auc": auc, "logloss": logloss, "ne": logloss / entropy}
+    return {
+        "auc": auc,
+        "logloss": logloss,
+        "ne": logloss / entropy,
+        "examples": float(keep.sum()),
+        "positives": float(labels.sum()),
+    }
 
 
 def test_metrics_match_hand_computation_over_all_ranks() -> None:
@@ -60,5 +66,5 @@ def test_metrics_match_hand_computation_over_all_ranks() -> None:
     assert results[0][1] == results[1][1]  # every rank reports the same numbers
     for task in ("click", "cvr"):
         got, want = results[0][1][task], reference(task)
-        for name in ("auc", "logloss", "ne"):
+        for name in ("auc", "logloss", "ne", "examples", "positives"):
             assert math.isclose(got[name], want[name], rel_tol=1e-5), (task, name, got, want)

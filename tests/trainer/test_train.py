@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from dist_utils import free_port, run_on_ranks
@@ -52,7 +53,14 @@ def test_two_rank_run_trains_evaluates_and_records(synth_data: Path, tmp_path: P
     final = json.loads((run_dir / "eval_metrics.json").read_text())
     assert set(final) == {"click", "conversion"}
     for task in final.values():
-        assert set(task) == {"auc", "ne", "logloss"}
+        assert set(task) == {"auc", "ne", "logloss", "examples", "positives"}
+    # Evaluation saw every eval row exactly once and nothing else: its counts are the files'.
+    eval_rows = pq.read_table(synth_data / "eval", columns=["click", "conversion"])
+    clicks = pc.sum(eval_rows["click"]).as_py()
+    assert final["click"]["examples"] == eval_rows.num_rows == 4000
+    assert final["click"]["positives"] == clicks
+    assert final["conversion"]["examples"] == clicks  # sample space: clicked rows
+    assert final["conversion"]["positives"] == pc.sum(eval_rows["conversion"]).as_py()
     # Learning, not chance: the synthetic labels come from id and dense effects.
     assert final["click"]["auc"] > 0.6 and final["conversion"]["auc"] > 0.6
 
@@ -62,6 +70,7 @@ def test_two_rank_run_trains_evaluates_and_records(synth_data: Path, tmp_path: P
     assert [x["step"] for x in lines if x["phase"] == "train"] == [10, 20, 30, 40, 50, 60]
     assert all(x["samples_per_s"] > 0 for x in lines if x["phase"] == "train")
     assert lines[-1]["click"] == final["click"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
     plan = json.loads((run_dir / "sharding_plan.json").read_text())
     tables = plan["model.ebc"]
