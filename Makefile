@@ -6,7 +6,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 DEMO_DATA ?= runs/demo-data
 DEMO_ROWS ?= 1000000
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test plans clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,19 @@ demo: setup
 
 test: setup
 	python -m pytest -q tests
+
+# The example shard plans under docs/plans/ (billion-row tables on clusters that need not exist).
+PLAN_CONFIG ?= configs/billion_scale.yaml
+plans: setup
+	rm -rf docs/plans/billion-*
+	towerrec plan --config $(PLAN_CONFIG) --topology 2x8xA100-80GB --out docs/plans/billion-2x8
+	towerrec plan --config $(PLAN_CONFIG) --topology 8x8xA100-80GB --out docs/plans/billion-8x8
+	towerrec plan --config $(PLAN_CONFIG) --topology 8x8xA100-80GB,sparse_optimizer=adagrad,name=8x8xA100-80GB-adagrad \
+	    --out docs/plans/billion-8x8-adagrad
+	towerrec plan --config $(PLAN_CONFIG) --topology 2x8xA100-80GB,sparse_optimizer=adagrad,name=2x8xA100-80GB-adagrad \
+	    --out docs/plans/billion-2x8-adagrad
+	towerrec plan --config $(PLAN_CONFIG) --topology 2x8xA100-80GB --topology 4x8xA100-80GB \
+	    --topology 8x8xA100-80GB --batch_sizes 4096,16384 --compare --out docs/plans/billion-compare
 
 clean:
 	rm -rf runs .pytest_cache

@@ -28,6 +28,7 @@ def train(config: Path, nproc: int, run_dir: Path, batch_size: int, workers: int
         "--master_port", str(free_port()), "-m", "trainer.main", "--config", str(config),
         "--set", f"run_dir={run_dir}", "--set", f"training.batch_size={batch_size}",
         "--set", f"training.num_workers={workers}", "--set", "training.log_interval=20",
+        "--set", "checkpoint.enabled=false",  # measure training alone; never resume an earlier run
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)

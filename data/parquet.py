@@ -23,6 +23,12 @@ ran out of data, and every row is read exactly once per epoch):
 * ``shuffle_buffer`` > 0: a worker permutes the real rows of ``ceil(shuffle_buffer / B)``
   consecutive batches (seeded by seed, epoch, rank, worker) and splits them back with the same
   real-row count per batch, so padding stays where it was.
+* Resume: ``set_epoch(epoch, start_batch=k)`` yields exactly the batches an uninterrupted epoch
+  yields after its first k, in the same order, for the same ``num_workers``. The DataLoader takes
+  one batch from each worker in turn (skipping exhausted ones), so the first k batches are a known
+  number from each worker's stretch (``resume_plan``); each worker skips its share without reading
+  it (with ``shuffle_buffer``, up to the start of its shuffle group, which must be re-read), and
+  the workers' roles are rotated so that the turn continues with the worker that was next.
 
 Memory: only the configured columns are read, one row group at a time in slices of about a batch,
 so a worker holds a few batches plus one row group's column chunks, whatever the data size. The
@@ -37,6 +43,7 @@ group, column, row within the file, the value and what was expected.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -89,22 +96,23 @@ def _type_ok(role: str, t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t)
 
 
-def _column_roles(data: DataConfig) -> list[tuple[str, str]]:
+def _column_roles(data: DataConfig, labels: bool = True) -> list[tuple[str, str]]:
     roles = [
         (f.name, "multi-hot sparse feature" if f.multi_hot else "single-hot sparse feature")
         for f in data.sparse_features
     ]
     roles += [(c, "dense feature") for c in data.dense_features]
-    return roles + [(c, "label") for c in dict.fromkeys(data.label_columns)]
+    return roles + [(c, "label") for c in dict.fromkeys(data.label_columns) if labels]
 
 
-def inspect_files(files: list[str], data: DataConfig) -> list[FileInfo]:
-    """Check from the footers alone that every configured column exists with a usable type.
+def inspect_files(files: list[str], data: DataConfig, labels: bool = True) -> list[FileInfo]:
+    """Check from the footers alone that every configured column exists with a usable type
+    (label columns only with ``labels``: prediction data may have none).
 
     Raises:
         DataError: naming the file, the column, the type found and the type expected.
     """
-    roles = _column_roles(data)
+    roles = _column_roles(data, labels)
     infos = []
     for path in files:
         try:
@@ -277,6 +285,26 @@ def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng([p % 2**64 for p in parts])
 
 
+def resume_plan(steps: int, workers: int, start_batch: int) -> tuple[int, list[int]]:
+    """Where an epoch of ``steps`` batches over ``workers`` DataLoader workers stands after the
+    loader yielded ``start_batch`` of them: ``(next worker, batches taken from each worker)``.
+
+    Worker w holds the stretch ``[w*S//nw, (w+1)*S//nw)``; the DataLoader takes one batch from
+    each worker in turn and skips exhausted workers.
+    """
+    workers = max(workers, 1)
+    lengths = [(w + 1) * steps // workers - w * steps // workers for w in range(workers)]
+    taken, w = [0] * workers, 0
+    for _ in range(start_batch):
+        while taken[w] >= lengths[w]:
+            w = (w + 1) % workers
+        taken[w] += 1
+        w = (w + 1) % workers
+    while start_batch < steps and taken[w] >= lengths[w]:
+        w = (w + 1) % workers
+    return w, taken
+
+
 def _rebatch(chunks: Iterator[_Rows], counts: list[int], empty: _Rows) -> Iterator[_Rows]:
     """Cut the row stream into pieces of exactly ``counts[i]`` rows (0 allowed)."""
     pending, have = [], 0
@@ -340,6 +368,7 @@ class ParquetDataset(IterableDataset[Batch]):
         shuffle_buffer: int = 0,
         seed: int = 0,
         shuffle_row_groups: bool = False,
+        labels: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -356,17 +385,27 @@ class ParquetDataset(IterableDataset[Batch]):
         self.seed = seed
         self.shuffle_row_groups = shuffle_row_groups
         self.epoch = 0
+        self.start_batch = 0
         self.files = sorted(files)
-        self.infos = inspect_files(self.files, data)
+        self.infos = inspect_files(self.files, data, labels)
         self.num_rows = sum(info.num_rows for info in self.infos)
         if self.num_rows == 0:
             raise DataError(f"no rows in {len(self.files)} file(s): {self.files[:3]}")
-        self._label_columns = list(dict.fromkeys(data.label_columns))
+        # labels=False (prediction): no label column is read; batches carry all-zero labels.
+        self._label_columns = list(dict.fromkeys(data.label_columns)) if labels else []
+        self._columns = list(dict.fromkeys(c for c, _ in _column_roles(data, labels)))
         self._table_size = {t.name: t.num_embeddings for t in data.tables}
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's row-group order and shuffle; call before iterating."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's row-group order and shuffle; call before iterating.
+
+        ``start_batch`` k > 0 resumes the epoch after the first k batches the loader yielded
+        (policy: module docstring); k must be counted with the same ``num_workers``.
+        """
+        if not 0 <= start_batch <= self.steps_per_epoch():
+            raise ValueError(f"start_batch {start_batch} is not in [0, {self.steps_per_epoch()}]")
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def steps_per_epoch(self) -> int:
         """Batches every rank yields per epoch: ``ceil(ceil(N / W) / B)``."""
@@ -388,21 +427,31 @@ class ParquetDataset(IterableDataset[Batch]):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         steps, size = self.steps_per_epoch(), self.batch_size
-        first, last = worker * steps // workers, (worker + 1) * steps // workers
+        # On resume this worker plays the stretch (role) of the worker whose turn comes next.
+        rotation, taken = resume_plan(steps, workers, self.start_batch)
+        role = (worker + rotation) % workers
+        first, last = role * steps // workers, (role + 1) * steps // workers
         start, end = self.rank_rows()
         counts = [max(0, min(size, end - start - i * size)) for i in range(first, last)]
-        lo, hi = min(start + first * size, end), min(start + last * size, end)
+        skip = read_from = taken[role]  # batches of the stretch already consumed; not read
+        rng, group = None, 1
+        if self.shuffle_buffer > 0:
+            # Seeded per worker too, so the shuffled order depends on num_workers.
+            group = _ceil_div(self.shuffle_buffer, size)
+            rng = _rng(self.seed, self.epoch, self.rank, role)
+            read_from = skip // group * group
+            for g in range(0, read_from, group):  # replay the skipped groups' draws, no reading
+                rng.permutation(sum(counts[g : g + group]))
+        lo, hi = min(start + (first + read_from) * size, end), min(start + last * size, end)
         # Decoding threads only in the main process: workers already are the parallelism.
         chunks = self._read(lo, hi, use_threads=info is None)
         empty = _Rows.empty(
             len(self.data.sparse_features), len(self.data.dense_features), len(self._label_columns)
         )
-        pieces = _rebatch(chunks, counts, empty)
-        if self.shuffle_buffer > 0:
-            # Seeded per worker too, so the shuffled order depends on num_workers.
-            group = _ceil_div(self.shuffle_buffer, size)
-            pieces = _shuffle(pieces, group, _rng(self.seed, self.epoch, self.rank, worker))
-        for rows in pieces:
+        pieces = _rebatch(chunks, counts[read_from:], empty)
+        if rng is not None:
+            pieces = _shuffle(pieces, group, rng)
+        for rows in itertools.islice(pieces, skip - read_from, None):
             yield self._pack(rows)
 
     def _row_groups(self) -> list[_RowGroup]:
@@ -445,7 +494,7 @@ class ParquetDataset(IterableDataset[Batch]):
         for record_batch in parquet.iter_batches(
             batch_size=max(self.batch_size, _MIN_READ_ROWS),
             row_groups=[group.index],
-            columns=self.data.columns,
+            columns=self._columns,
             use_threads=use_threads,
         ):
             n = record_batch.num_rows
@@ -467,8 +516,9 @@ class ParquetDataset(IterableDataset[Batch]):
             dense = np.stack([_dense(rb.column(c), c, where) for c in self.data.dense_features], axis=1)
         else:
             dense = np.zeros((rb.num_rows, 0), np.float32)
-        labels = np.stack([_label(rb.column(c), c, where) for c in self._label_columns])
-        return _Rows(values, lengths, dense, labels)
+        labels = [_label(rb.column(c), c, where) for c in self._label_columns]
+        stacked = np.stack(labels) if labels else np.zeros((0, rb.num_rows), np.float32)
+        return _Rows(values, lengths, dense, stacked)
 
     def _pack(self, rows: _Rows) -> PackedBatch:
         """Pad ``rows`` to B rows (zero-weight rows: no ids, zero dense and labels) and pack them."""
@@ -480,7 +530,8 @@ class ParquetDataset(IterableDataset[Batch]):
         dense[:n] = rows.dense
         column = {c: i for i, c in enumerate(self._label_columns)}
         labels = np.zeros((len(self.data.tasks), size), np.float32)
-        labels[:, :n] = rows.labels[[column[t.label] for t in self.data.tasks]]
+        if self._label_columns:
+            labels[:, :n] = rows.labels[[column[t.label] for t in self.data.tasks]]
         weights = np.zeros(size, np.float32)
         weights[:n] = 1.0
         return PackedBatch.pack(
@@ -534,5 +585,9 @@ def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: 
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # The workers' seeds come from a generator of their own, not the global torch RNG: the
+        # model's random stream (dropout) then depends only on the steps taken, which a resumed
+        # run restores exactly. The batches use no worker RNG (their shuffles are seeded).
+        generator=torch.Generator().manual_seed(dataset.seed),
     )
     return BatchLoader(loader)

@@ -144,6 +144,13 @@ def _build_train(subparsers) -> None:
         help="dotted config override, e.g. training.batch_size=4096 (repeatable)",
     )
     parser.add_argument(
+        "--resume",
+        choices=["auto", "never", "required"],
+        default=None,
+        help="checkpoint.resume: continue from RUN_DIR/checkpoints/latest if there is one (auto), "
+        "fail without one (required), or refuse a run directory with checkpoints (never)",
+    )
+    parser.add_argument(
         "--log_dir",
         metavar="DIR",
         default=None,
@@ -160,6 +167,8 @@ def _build_train(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     from trainer.config import ConfigError, load_config, validate_data
 
+    if args.resume:
+        args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
     try:
         config = load_config(args.config, args.overrides)
         if not args.dryrun:  # a dry run only prints the request; the data may live elsewhere
@@ -234,6 +243,273 @@ def _tail_logs(runner, app_handle: str, roles: List[tuple], out: Optional[TextIO
             thread.start()
             threads.append(thread)
     return threads
+
+
+# ------------------------------------------------------------------------------ export and predict
+
+
+def _quiet_torch_logs() -> None:
+    """Tracing notices from torch.fx that a user of these commands cannot act on."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return value
+
+
+@command("export")
+def _build_export(subparsers) -> None:
+    parser = _add_parser(
+        subparsers,
+        "export",
+        help="write a trained checkpoint as one TorchScript inference artifact",
+        description=(
+            "Write checkpoint STEP (default: the latest) of run DIR as one TorchScript file:\n"
+            "tables through TorchRec's quantize_inference_model, dense towers in eval mode, the\n"
+            "feature schema and task names inside. It runs with torch + fbgemm_gpu alone:\n"
+            "forward(values, lengths, dense) -> {task: probability}. Before the file replaces\n"
+            "FILE it is loaded back and compared with the trained model on evaluation rows;\n"
+            "export fails (exit 1, FILE untouched) if a probability moves more than --max_dp\n"
+            "or a task's AUC more than --max_dauc.\n\n"
+            "example:\n"
+            "  towerrec export --run runs/demo --out runs/demo/model.pt\n"
+            "  towerrec export --run runs/demo --step 500 --out model-fp16.pt --quantize fp16"
+        ),
+    )
+    parser.add_argument("--run", required=True, metavar="DIR", help="run directory (its checkpoints/)")
+    parser.add_argument(
+        "--step", type=int, default=None, metavar="N", help="checkpoint step (default: latest)"
+    )
+    parser.add_argument("--out", required=True, metavar="FILE", help="artifact to write")
+    parser.add_argument(
+        "--quantize", choices=["int8", "fp16", "none"], default="int8", help="embedding table precision"
+    )
+    parser.add_argument(
+        "--check_data",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="labelled Parquet for the self-check (default: the run's data.eval)",
+    )
+    parser.add_argument(
+        "--check_rows", type=int, default=20_000, metavar="N", help="rows compared; 0 skips the check"
+    )
+    parser.add_argument(
+        "--max_dp",
+        type=_probability,
+        default=None,
+        metavar="X",
+        help="tolerated max |Δp| (default: per --quantize)",
+    )
+    parser.add_argument(
+        "--max_dauc",
+        type=_probability,
+        default=None,
+        metavar="X",
+        help="tolerated |ΔAUC| (default: per --quantize)",
+    )
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    _quiet_torch_logs()
+    if not os.path.isdir(args.run):
+        print(f"error: --run {args.run}: no such directory", file=sys.stderr)
+        return EXIT_USAGE
+    from data.parquet import DataError
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import TOLERANCES, ExportCheckError, Tolerance, export_model
+
+    default = TOLERANCES[args.quantize]
+    tolerance = Tolerance(
+        default.max_dp if args.max_dp is None else args.max_dp,
+        default.max_dauc if args.max_dauc is None else args.max_dauc,
+    )
+    try:
+        report = export_model(
+            args.run, args.out, args.step, args.quantize, args.check_data, args.check_rows, tolerance
+        )
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ExportCheckError as e:
+        print(e.report.format())
+        print(f"error: export check failed; {args.out} was not written", file=sys.stderr)
+        return EXIT_FAILED
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except DataError as e:
+        print(f"error: check data: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if report is None:
+        print("warning: --check_rows 0: the artifact was not checked", file=sys.stderr)
+    else:
+        print(report.format())
+    print(f"wrote {os.path.abspath(args.out)} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
+    return EXIT_OK
+
+
+@command("predict")
+def _build_predict(subparsers) -> None:
+    parser = _add_parser(
+        subparsers,
+        "predict",
+        help="score Parquet files with an exported artifact, writing Parquet",
+        description=(
+            "Stream Parquet files through an artifact of `towerrec export` in bounded memory and\n"
+            "write OUT/part-RANK.parquet: the passthrough columns, then p_<task> (float32) per\n"
+            "task, one row per input row in input order. Feature columns are checked and ids\n"
+            "hashed or range-checked as in training; label columns are not needed.\n"
+            "With --nproc N the rows are split over N processes as training splits them (rank\n"
+            "r takes the r-th contiguous share); under torch.distributed.run / TorchX the\n"
+            "RANK and WORLD_SIZE variables select the share instead.\n\n"
+            "example:\n"
+            "  towerrec predict --model runs/demo/model.pt --data 'runs/demo-data/eval/*.parquet' \\\n"
+            "      --out runs/demo/predictions --passthrough user_id,item_id --nproc 2"
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="FILE", help="artifact of `towerrec export`")
+    parser.add_argument(
+        "--data", required=True, nargs="+", metavar="GLOB", help="Parquet files, directories or globs"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--passthrough",
+        default=None,
+        metavar="COLS",
+        help="comma-separated input columns copied to the output, '' for none "
+        "(None: the single-hot sparse id columns)",
+    )
+    parser.add_argument("--nproc", type=_positive_int, default=1, metavar="N", help="processes")
+    parser.add_argument("--batch_size", type=_positive_int, default=4096, metavar="B", help="rows per batch")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="1: a reader process runs ahead of each predicting process",
+    )
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _quiet_torch_logs()
+    from data.parquet import DataError
+    from trainer.distributed import describe_error
+    from trainer.predict import predict, predict_files
+
+    passthrough = None if args.passthrough is None else [c for c in args.passthrough.split(",") if c]
+    kw = dict(passthrough=passthrough, batch_size=args.batch_size, num_workers=args.num_workers)
+    try:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ and args.nproc == 1:
+            from data.config import resolve_paths
+
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            files = resolve_paths(args.data, "--data")
+            results = [predict(args.model, files, args.out, rank, world, **kw)]
+        else:
+            results = predict_files(args.model, args.data, args.out, args.nproc, **kw)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:  # a reader process's DataError arrives wrapped by the DataLoader
+        if "DataError" not in str(e):
+            raise
+        print(f"error: {describe_error(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    for path, rows in results:
+        print(f"wrote {path} ({rows} rows)")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+@command("plan")
+def _build_plan(subparsers) -> None:
+    parser = _add_parser(
+        subparsers,
+        "plan",
+        help="plan where every table lives on a cluster, without the cluster",
+        description=(
+            "Run a shard planner on the model's real embedding tables (built on the meta device,\n"
+            "no memory used) for a topology that need not exist, and write OUT/plan.json (the\n"
+            "trainer obeys it with --set sharding.plan_file=OUT/plan.json), OUT/report.md,\n"
+            "OUT/report.json and charts: memory and estimated time per rank and table, the\n"
+            "critical path, whether it fits. Exits 1 if it does not fit.\n\n"
+            "TOPOLOGY: a preset NODESxDEVICESxKIND (2x8xA100-80GB, 8x8xH100-80GB, 1x2xCPU-64GB),\n"
+            "KEY=VALUE pairs, a preset then overrides, or a YAML/JSON file. Keys: nodes,\n"
+            "devices_per_node, device (cuda|cpu), hbm_gb, ddr_gb (per device), hbm_bw, ddr_bw,\n"
+            "intra_node_bw, inter_node_bw (GB/s), batch_size (per rank), storage_reserve,\n"
+            "sparse_optimizer; the last three default to the config's.\n\n"
+            "example:\n"
+            "  towerrec plan --config configs/billion_scale.yaml --topology 2x8xA100-80GB \\\n"
+            "      --out runs/plan-2x8\n"
+            "  towerrec plan --config X.yaml --topology nodes=2,devices_per_node=8,hbm_gb=80,ddr_gb=512 \\\n"
+            "      --out runs/plan\n"
+            "  towerrec plan --config X.yaml --topology 2x8xA100-80GB --topology 8x8xA100-80GB \\\n"
+            "      --batch_sizes 2048,8192 --compare --out runs/whatif"
+        ),
+    )
+    parser.add_argument("--config", required=True, metavar="PATH", help="experiment YAML file")
+    parser.add_argument(
+        "--topology",
+        required=True,
+        action="append",
+        metavar="SPEC",
+        help="cluster to plan for (repeatable with --compare)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="plan every topology x batch size; one table and one chart (OUT/compare.md)",
+    )
+    parser.add_argument(
+        "--batch_sizes", metavar="B1,B2", default=None, help="per-rank batch sizes to compare"
+    )
+    parser.add_argument(
+        "--planner",
+        choices=["fast", "torchrec"],
+        default="fast",
+        help="fast: narrowed options + local search; torchrec: TorchRec's default planner (slow at scale)",
+    )
+    parser.add_argument(
+        "--time_budget_s",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="fast planner: time for improving the placement",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. training.batch_size=4096 (repeatable)",
+    )
+    parser.set_defaults(handler=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from trainer.planning.command import run
+
+    return run(args)
 
 
 # ------------------------------------------------------------------------------------------- main

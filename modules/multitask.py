@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, KeyedTensor
 
 
 def pooled_embedding_width(ebc: EmbeddingBagCollection) -> int:
@@ -22,7 +22,10 @@ class MultiTaskModel(nn.Module):
 
     Dense features enter as-is: the data owner (``data/``) normalises them; no projection or
     normalisation happens here. Pooled embeddings come in the EBC's feature order (tables in
-    order, then each table's ``feature_names``), then the dense columns.
+    order, then each table's ``feature_names``), then the dense columns. That order holds after
+    sharding too: a sharded collection returns its features grouped by sharding type, in an
+    order that depends on the plan, so they are regrouped by name (the network's input columns
+    must not change when a checkpoint is resumed under another plan or exported unsharded).
 
     Args:
         ebc (EmbeddingBagCollection): the (possibly ``meta``-device, later sharded) tables.
@@ -47,6 +50,7 @@ class MultiTaskModel(nn.Module):
         self.network = network
         self.num_dense = num_dense
         self.in_features = pooled_embedding_width(ebc) + num_dense
+        self.pooled_order = [name for c in ebc.embedding_bag_configs() for name in c.feature_names]
         expected = getattr(network, "in_features", None)
         if expected is not None and expected != self.in_features:
             raise ValueError(
@@ -57,6 +61,6 @@ class MultiTaskModel(nn.Module):
         """``sparse`` KJT keyed by feature, ``dense [B, D]`` -> ``{task: logit [B]}``."""
         # The EBC must read the `sparse` argument untouched: TorchRec's train pipeline
         # fx-traces this forward and only pipelines a sharded module fed straight from the batch.
-        pooled = self.ebc(sparse).values()
+        pooled = KeyedTensor.regroup([self.ebc(sparse)], [self.pooled_order])[0]
         x = torch.cat([pooled, dense], dim=1) if self.num_dense > 0 else pooled
         return self.network(x)

@@ -81,13 +81,42 @@ class TableConstraint(StrictModel):
         ]
         | None
     ) = None
-    compute_kernels: list[Literal["dense", "fused"]] | None = None
+    # fused_uvm / fused_uvm_caching: the table in host memory (with an HBM cache); CUDA only
+    compute_kernels: list[Literal["dense", "fused", "fused_uvm", "fused_uvm_caching"]] | None = None
     min_partition: PositiveInt | None = None
+    # average ids per sample of each feature reading the table (planner estimates; 1 = single-hot)
+    pooling_factor: PositiveFloat | None = None
 
 
 class ShardingConfig(StrictModel):
+    """``plan_file``: a ``towerrec plan`` plan.json; the run then uses exactly its placement
+    instead of running the planner (checked against the tables and the world size)."""
+
     storage_reserve: Annotated[float, Field(ge=0, lt=1)] = 0.15
     constraints: dict[str, TableConstraint] = {}
+    plan_file: str | None = None
+
+
+class CheckpointConfig(StrictModel):
+    """Sharded checkpoints in ``RUN_DIR/checkpoints/`` (``trainer.checkpoint``).
+
+    ``interval``: save every that many global steps, and always at the end (0: only at the end).
+    ``keep_last``: complete checkpoints kept. ``resume``: ``auto`` continues from
+    ``checkpoints/latest`` when there is one, ``required`` fails without one, ``never`` starts at
+    step 0 and fails if the run directory already holds checkpoints (none is overwritten).
+    ``enabled: false`` neither saves nor resumes (``resume`` must then not be ``required``).
+    """
+
+    enabled: bool = True
+    interval: Annotated[int, Field(ge=0)] = 1000
+    keep_last: PositiveInt = 2
+    resume: Literal["auto", "never", "required"] = "auto"
+
+    @model_validator(mode="after")
+    def _resume_needs_checkpoints(self) -> "CheckpointConfig":
+        if not self.enabled and self.resume == "required":
+            raise ValueError("resume: required needs checkpoints; enabled is false")
+        return self
 
 
 class ExperimentConfig(StrictModel):
@@ -96,6 +125,7 @@ class ExperimentConfig(StrictModel):
     model: ModelConfig
     training: TrainingConfig = TrainingConfig()
     sharding: ShardingConfig = ShardingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _constraints_name_tables(self) -> "ExperimentConfig":

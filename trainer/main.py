@@ -17,6 +17,7 @@ import warnings
 import torch.distributed as dist
 
 from data.parquet import DataError
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config, validate_data
 from trainer.distributed import RankFailure, describe_error, init_distributed
 from trainer.train import train
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(config.training.collective_timeout_s)
     try:
         train(config, env)
-    except (DataError, RankFailure) as e:
+    except (DataError, RankFailure, CheckpointError) as e:
         print(f"[rank {env.rank}] error: {describe_error(e)}", file=sys.stderr)
         return 1
     finally:

@@ -26,6 +26,7 @@ CPU_SHARDING_TYPES = (
     ShardingType.COLUMN_WISE.value,
     ShardingType.TABLE_COLUMN_WISE.value,
 )
+CPU_COMPUTE_KERNELS = ("dense", "fused")  # host-memory (UVM) kernels need CUDA
 
 
 def sharders() -> list[ModuleSharder[nn.Module]]:
@@ -51,9 +52,19 @@ def table_constraints(config: ExperimentConfig, compute_device: str) -> dict[str
                     f"CPU supports {list(CPU_SHARDING_TYPES)}"
                 )
             types = allowed
-        kwargs: dict[str, Any] = {"sharding_types": types}
+        num_features = sum(1 for f in config.data.sparse_features if f.table == table.name)
+        pooling = wanted.pooling_factor if wanted and wanted.pooling_factor else 1.0
+        kwargs: dict[str, Any] = {"sharding_types": types, "pooling_factors": [pooling] * num_features}
         if wanted and wanted.compute_kernels:
-            kwargs["compute_kernels"] = list(wanted.compute_kernels)
+            kernels = list(wanted.compute_kernels)
+            if compute_device == "cpu":
+                kernels = [k for k in kernels if k in CPU_COMPUTE_KERNELS]
+                if not kernels:
+                    raise ValueError(
+                        f"sharding.constraints.{table.name}.compute_kernels: {wanted.compute_kernels} "
+                        f"cannot run on CPU; CPU supports {list(CPU_COMPUTE_KERNELS)}"
+                    )
+            kwargs["compute_kernels"] = kernels
         if wanted and wanted.min_partition:
             kwargs["min_partition"] = wanted.min_partition
         constraints[table.name] = ParameterConstraints(**kwargs)
@@ -61,7 +72,14 @@ def table_constraints(config: ExperimentConfig, compute_device: str) -> dict[str
 
 
 def plan_sharding(module: nn.Module, config: ExperimentConfig, env: DistEnv) -> ShardingPlan:
-    """Plan on rank 0 for the job's real topology and share the plan with every rank."""
+    """Plan on rank 0 for the job's real topology and share the plan with every rank; with
+    ``sharding.plan_file`` set, every rank loads that plan instead (checked against the job)."""
+    if config.sharding.plan_file:
+        from trainer.planning.plan_file import load_plan_file
+
+        return load_plan_file(
+            config.sharding.plan_file, module, env.world_size, env.local_world_size, env.device.type
+        )
     topology = Topology(
         world_size=env.world_size,
         local_world_size=env.local_world_size,

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from data.batch import Batch
 from data.config import resolve_paths
 from data.parquet import ParquetDataset, make_dataloader
+from trainer.checkpoint import CheckpointManager
 from trainer.config import DenseOptimizerConfig, ExperimentConfig, SparseOptimizerConfig, dump_config
 from trainer.distributed import DistEnv, lockstep
 from trainer.metrics import TaskMetrics
@@ -38,19 +39,54 @@ from trainer.sharding import plan_sharding, plan_to_dict, sharders
 logger = logging.getLogger(__name__)
 
 
-def apply_sparse_optimizer(module: TrainModule, cfg: SparseOptimizerConfig) -> None:
-    """Fuse the table optimizer into the backward pass (TorchRec's fused TBE update)."""
+def _sparse_optimizer_class(cfg: SparseOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     classes: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
         "rowwise_adagrad": (RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps}),
         "adagrad": (torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps}),
         "sgd": (torch.optim.SGD, {"lr": cfg.lr}),
     }
-    optimizer_class, kwargs = classes[cfg.type]
+    return classes[cfg.type]
+
+
+def apply_sparse_optimizer(module: TrainModule, cfg: SparseOptimizerConfig) -> None:
+    """Fuse the table optimizer into the backward pass (TorchRec's fused TBE update)."""
+    optimizer_class, kwargs = _sparse_optimizer_class(cfg)
     apply_optimizer_in_backward(optimizer_class, module.model.ebc.parameters(), kwargs)
 
 
-def dense_optimizer(model: torch.nn.Module, cfg: DenseOptimizerConfig) -> KeyedOptimizerWrapper:
-    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+def replicated_tables(plan: dict[str, dict[str, Any]]) -> list[str]:
+    """Parameter keys of the data-parallel tables in ``plan_to_dict(plan)``."""
+    return [
+        f"{module_path}.embedding_bags.{table}.weight"
+        for module_path, tables in plan.items()
+        for table, placement in tables.items()
+        if placement["sharding_type"] == "data_parallel"
+    ]
+
+
+def replicated_table_optimizer(
+    model: torch.nn.Module, keys: list[str], cfg: SparseOptimizerConfig
+) -> KeyedOptimizerWrapper | None:
+    """The sparse optimizer for the data-parallel tables (None without any).
+
+    TorchRec runs those tables with its dense kernel, which ignores the optimizer fused by
+    ``apply_optimizer_in_backward``: left alone they would be updated by the dense optimizer. Here
+    they get the configured table optimizer, stepped after backward on the DDP-averaged gradient
+    (TorchRec divides a sharded table's gradient by the world size too), so a table learns the
+    same way, and has the same optimizer state, whatever its placement.
+    """
+    if not keys:
+        return None
+    params = dict(model.named_parameters())
+    optimizer_class, kwargs = _sparse_optimizer_class(cfg)
+    return KeyedOptimizerWrapper({k: params[k] for k in keys}, lambda p: optimizer_class(p, **kwargs))
+
+
+def dense_optimizer(
+    model: torch.nn.Module, cfg: DenseOptimizerConfig, exclude: Collection[str] = ()
+) -> KeyedOptimizerWrapper:
+    """The dense network's optimizer: every parameter without a fused optimizer, but ``exclude``."""
+    params = {k: p for k, p in in_backward_optimizer_filter(model.named_parameters()) if k not in exclude}
     factories = {
         "adam": lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         "adamw": lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -83,6 +119,19 @@ class RunRecorder:
     def write_text(self, name: str, text: str) -> None:
         if self.enabled:
             (self.run_dir / name).write_text(text)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics.jsonl lines after ``step`` (a resumed run writes them again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.enabled and path.is_file():
+            kept = []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except ValueError:  # a line cut short when the run was killed
+                    pass
+            path.write_text("".join(kept))
 
     def record(self, phase: str, step: int, epoch: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -158,14 +207,33 @@ class Trainer:
             env=ShardingEnv.from_process_group(dist.group.WORLD),
             sharders=sharders(),
         )
+        replicated = replicated_tables(plan_to_dict(plan))
+        self.dense_optimizer = dense_optimizer(self.model, training.dense_optimizer, exclude=replicated)
+        self.table_optimizer = replicated_table_optimizer(self.model, replicated, training.sparse_optimizer)
         optimizer = CombinedOptimizer(
-            [self.model.fused_optimizer, dense_optimizer(self.model, training.dense_optimizer)]
+            [self.model.fused_optimizer]
+            + ([self.table_optimizer] if self.table_optimizer is not None else [])
+            + [self.dense_optimizer]
         )
         self.pipeline = TrainPipelineSparseDist(self.model, optimizer, env.device)
         self.task_names = [t.name for t in config.data.tasks]
         eval_examples = self.eval_set.steps_per_epoch() * training.batch_size * env.world_size
         self.metrics = TaskMetrics(self.task_names, env, training.batch_size, eval_examples)
-        self.step = 0
+        # Last: restoring a checkpoint also restores the RNG states, which nothing may draw from
+        # before training continues.
+        self.checkpoints = CheckpointManager(
+            config,
+            env,
+            self.model,
+            self.dense_optimizer,
+            self.table_optimizer,
+            plan_to_dict(plan),
+            self.train_set,
+        )
+        self.resumed = self.checkpoints.resume()
+        self.step = self.resumed.step if self.resumed else 0
+        if self.resumed:
+            self.recorder.truncate_after(self.step)
 
     def _log_plan(self, plan: dict[str, dict[str, Any]]) -> None:
         if not self.env.is_main:
@@ -203,21 +271,24 @@ class Trainer:
             logger.info("eval step %d epoch %d | %s", self.step, epoch, summary)
         return result
 
-    def _segments(self, steps_per_epoch: int) -> list[int]:
-        """Lengths of the training stretches of one epoch, cut at every global step that is a
-        multiple of ``eval_interval`` (evaluation also runs at each epoch's end)."""
+    def _segments(self, steps_left: int) -> list[tuple[int, bool]]:
+        """``(length, evaluate after)`` of the training stretches of the rest of an epoch, cut at
+        every global step that is a multiple of ``eval_interval`` (evaluated) or of
+        ``checkpoint.interval`` (saved); the last one, at the epoch's end or ``max_steps``, is
+        evaluated too."""
         training = self.config.training
-        remaining = steps_per_epoch
+        remaining = steps_left
         if training.max_steps is not None:
             remaining = min(remaining, training.max_steps - self.step)
-        lengths, step = [], self.step
+        cuts = [i for i in (training.eval_interval, self.checkpoints.interval) if i]
+        segments, step = [], self.step
         while remaining > 0:
-            interval = training.eval_interval
-            to_eval = interval - step % interval if interval else remaining
-            lengths.append(min(to_eval, remaining))
-            remaining -= lengths[-1]
-            step += lengths[-1]
-        return lengths
+            length = min([remaining] + [i - step % i for i in cuts])
+            remaining -= length
+            step += length
+            at_eval = bool(training.eval_interval) and step % training.eval_interval == 0
+            segments.append((length, remaining == 0 or at_eval))
+        return segments
 
     def train_segment(self, batches: Iterator[Batch], length: int, epoch: int) -> None:
         training = self.config.training
@@ -255,18 +326,27 @@ class Trainer:
                 training.batch_size,
                 self.env.world_size,
             )
-        final: dict[str, dict[str, float]] = {}
-        for epoch in range(training.epochs):
-            segments = self._segments(steps_per_epoch)
+        # A resumed run continues at its checkpoint's batch of its epoch (trainer.checkpoint).
+        final: dict[str, dict[str, float]] = self.resumed.eval_metrics if self.resumed else {}
+        epoch, batch = (self.resumed.epoch, self.resumed.batch) if self.resumed else (0, 0)
+        while epoch < training.epochs:
+            segments = self._segments(steps_per_epoch - batch)
             if not segments:
                 break
             self.loss.set_epoch(epoch)
-            self.train_set.set_epoch(epoch)
+            self.train_set.set_epoch(epoch, start_batch=batch)
             batches = self._batches(self.train_set)
-            for length in segments:
+            for length, evaluate in segments:
                 self.train_segment(batches, length, epoch)
-                final = self.evaluate(epoch)
+                batch += length
+                if evaluate:
+                    final = self.evaluate(epoch)
+                self.checkpoints.maybe_save(self.step, epoch, batch, final)
             _close(batches)
+            if batch < steps_per_epoch:  # stopped by max_steps
+                break
+            epoch, batch = epoch + 1, 0
+        self.checkpoints.save_final(self.step, epoch, batch, final)
         self.recorder.write_json("eval_metrics.json", final)
         self.recorder.close()
         return final

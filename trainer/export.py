@@ -1,0 +1,329 @@
+"""Export a trained run to one self-contained TorchScript inference artifact, checked on eval data.
+
+Example::
+
+    report = export_model("runs/demo", "model.pt", quantize="int8")   # latest checkpoint
+    artifact = torch.jit.load("model.pt")        # after `import fbgemm_gpu`; no towerrec needed
+    artifact(values, lengths, dense)             # {"click": [B], "conversion": [B]} probabilities
+
+Format: TorchScript, built the way TorchRec packages inference models: the tables go through
+``torchrec.inference.modules.quantize_inference_model`` (fbgemm's inference TBE, int8 rows with
+a per-row scale and bias by default), the model is traced with ``torchrec.fx.symbolic_trace``
+and compiled with ``torch.jit.script`` (as ``torchrec.inference.dlrm_predict`` does). A
+TorchScript file loads in Python with ``torch.jit.load`` and in C++ with ``torch::jit::load``
+(libtorch plus the fbgemm_gpu operator library): what TorchRec's C++ inference server, TorchServe
+and Triton's libtorch backend load. torch.export is not an option for this model today:
+``torch.export.export`` of the quantized tables fails in torch 2.13 / fbgemm-gpu 1.8 because
+fbgemm's inference kernel holds a ``fbgemm.AtomicCounter`` script object without a fake class,
+and an ExportedProgram runs outside Python only after AOTInductor compilation. torch 2.13 marks
+torch.jit deprecated (a DeprecationWarning, silenced here); revisit when TorchRec's quantized
+modules export.
+
+Forward: ``forward(values, lengths, dense) -> Dict[str, Tensor]``
+
+* ``lengths`` int32 (or int64) ``[F * B]``: feature-major, the F sparse features in
+  ``schema["data"]["sparse_features"]`` order, B rows each (1 per row for single-hot features).
+* ``values`` int64 ``[sum(lengths)]``: table rows, i.e. ids after the feature's ``id_mode``:
+  ``check`` ids as they are (in ``[0, num_embeddings)``), ``hash`` ids through
+  ``data.hashing.hash_ids`` (splitmix64 mod num_embeddings). Out-of-range rows read row 0.
+* ``dense`` float32 ``[B, D]`` in ``schema["data"]["dense_features"]`` order.
+* returns per-task probabilities ``[B]`` (sigmoid of the towers' logits), keyed by task name.
+
+The schema travels inside the file as the TorchScript extra file ``towerrec_schema.json``: the
+data section of the training config without paths (tables with sizes, sparse features with
+``multi_hot`` and ``id_mode``, dense features, tasks), the quantization, the checkpoint it came
+from, the check tolerance and the towerrec / torch / torchrec / fbgemm_gpu versions.
+
+Self-check: the artifact is written to a temporary file, loaded back from it and compared with
+the trained float model on up to ``check_rows`` evaluation rows: per task the largest absolute
+probability difference (all rows) and the AUC change (on the task's sample space). Above the
+tolerance the export fails and the target file is left as it was.
+"""
+
+# No `from __future__ import annotations`: fx copies InferenceModel.forward's annotations into the
+# generated code, which TorchScript must resolve as real types, not strings.
+import copy
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List
+
+import fbgemm_gpu
+import numpy as np
+import torch
+import torch.nn as nn
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+
+from data.config import resolve_paths
+from data.parquet import ParquetDataset
+from trainer.checkpoint import CheckpointMeta, find_checkpoint, load_model_state, read_meta
+from trainer.config import ExperimentConfig
+from trainer.model import TrainModule, build_train_module
+from trainer.predict import SCHEMA_FILE, Artifact, atomic_output, load_artifact
+
+QUANTIZATIONS = {"int8": torch.int8, "fp16": torch.float16, "none": torch.float32}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest accepted ``max |Δp|`` (any row, any task) and ``|ΔAUC|`` (any task)."""
+
+    max_dp: float
+    max_dauc: float
+
+    def accepts(self, task: "TaskCheck") -> bool:
+        return task.max_dp <= self.max_dp and abs(task.dauc) <= self.max_dauc  # False for NaN
+
+
+# Measured on the demo model (configs/demo.yaml, 782 steps, AUC 0.776 / 0.784) over all 200k eval
+# rows: int8 max|dp| 0.0030, |dAUC| 6e-6; fp16 1.7e-4, 2e-7; none 0, 0. Set with 3-6x margin.
+TOLERANCES = {
+    "int8": Tolerance(max_dp=0.01, max_dauc=1e-3),
+    "fp16": Tolerance(max_dp=1e-3, max_dauc=1e-4),
+    "none": Tolerance(max_dp=1e-5, max_dauc=1e-5),
+}
+
+
+class ExportCheckError(RuntimeError):
+    """The artifact disagrees with the trained model beyond the tolerance; carries the report."""
+
+    def __init__(self, report: "CheckReport") -> None:
+        super().__init__(f"export check failed:\n{report.format()}")
+        self.report = report
+
+
+@dataclass
+class TaskCheck:
+    max_dp: float
+    auc_trained: float
+    auc_artifact: float
+    examples: int  # rows in the task's sample space
+
+    @property
+    def dauc(self) -> float:
+        d = self.auc_artifact - self.auc_trained
+        return 0.0 if math.isnan(d) else d  # no positives or no negatives in the sample
+
+
+@dataclass
+class CheckReport:
+    quantize: str
+    rows: int
+    tolerance: Tolerance
+    tasks: dict[str, TaskCheck] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(self.tolerance.accepts(t) for t in self.tasks.values())
+
+    def format(self) -> str:
+        tol = self.tolerance
+        lines = [
+            f"export check on {self.rows} eval rows, {self.quantize} tables "
+            f"(tolerance: max|dp| {tol.max_dp:g}, |dAUC| {tol.max_dauc:g}):"
+        ]
+        for name, t in self.tasks.items():
+            flag = "ok" if tol.accepts(t) else "FAIL"
+            lines.append(
+                f"  {name:<12} max|dp| {t.max_dp:.3g}  AUC {t.auc_trained:.5f} -> {t.auc_artifact:.5f} "
+                f"(dAUC {t.dauc:+.2g}, {t.examples} examples)  {flag}"
+            )
+        return "\n".join(lines)
+
+
+class InferenceModel(nn.Module):
+    """``forward(values, lengths, dense) -> {task: probability [B]}`` (module docstring).
+
+    The pooled embeddings are taken by feature name, so the column order is the float model's
+    even where the quantized collection groups tables differently (it batches by pooling type).
+    """
+
+    def __init__(
+        self,
+        ebc: nn.Module,
+        network: nn.Module,
+        feature_names: List[str],
+        pooled_order: List[str],
+        tasks: List[str],
+    ) -> None:
+        super().__init__()
+        self.ebc = ebc
+        self.network = network
+        self.feature_names = feature_names  # the KJT keys, in input order
+        self.pooled_order = pooled_order  # the training model's embedding column order
+        self.tasks = tasks
+
+    def forward(
+        self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        sparse = KeyedJaggedTensor(keys=self.feature_names, values=values, lengths=lengths)
+        pooled = self.ebc(sparse).to_dict()
+        x = torch.cat([pooled[f] for f in self.pooled_order] + [dense], dim=1)
+        logits = self.network(x)
+        return {t: torch.sigmoid(logits[t]) for t in self.tasks}
+
+
+def build_inference_model(module: TrainModule, config: ExperimentConfig, quantize: str) -> nn.Module:
+    """The eager inference model: a copy of the trained tables through TorchRec's
+    ``quantize_inference_model`` and of the dense network, in eval mode, without gradients."""
+    from torchrec.inference.modules import quantize_inference_model
+
+    ebc: EmbeddingBagCollection = module.model.ebc
+    model = InferenceModel(
+        copy.deepcopy(ebc),
+        copy.deepcopy(module.model.network),
+        [f.name for f in config.data.sparse_features],
+        [name for table in ebc.embedding_bag_configs() for name in table.feature_names],
+        [t.name for t in config.data.tasks],
+    ).eval()
+    model.requires_grad_(False)
+    dtype = QUANTIZATIONS[quantize]
+    return quantize_inference_model(model, quantization_dtype=dtype, output_dtype=torch.float)
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """TorchRec's recipe: ``torchrec.fx.symbolic_trace`` (the inference TBE stays a leaf), then
+    ``torch.jit.script``."""
+    from torchrec.fx import symbolic_trace
+
+    with warnings.catch_warnings():  # tracing and scripting notices nobody can act on
+        warnings.simplefilter("ignore")  # (also torch.jit's deprecation: see the module docstring)
+        graph = symbolic_trace(model, leaf_modules=["IntNBitTableBatchedEmbeddingBagsCodegen"])
+        return torch.jit.script(graph)
+
+
+def make_schema(config: ExperimentConfig, quantize: str, source: dict, tolerance: Tolerance) -> dict:
+    data = config.data.model_dump(mode="json", exclude={"train", "eval"})
+    return {
+        "format": "towerrec-inference",
+        "format_version": 1,
+        "forward": "forward(values: int64 [sum(lengths)], lengths: int32 [F*B] feature-major, "
+        "dense: float32 [B, D]) -> Dict[str, Tensor] task -> probability [B]",
+        "data": data,
+        "quantization": quantize,
+        "source": source,
+        "tolerance": asdict(tolerance),
+        "versions": {
+            "towerrec": _towerrec_version(),
+            "torch": torch.__version__,
+            "torchrec": metadata.version("torchrec"),
+            "fbgemm_gpu": fbgemm_gpu.__version__,  # the CPU or the CUDA build
+        },
+    }
+
+
+def _towerrec_version() -> str | None:
+    try:
+        return metadata.version("towerrec")
+    except metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return None
+
+
+def export_model(
+    run_dir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    quantize: str = "int8",
+    check_data: list[str] | None = None,
+    check_rows: int = 20_000,
+    tolerance: Tolerance | None = None,
+) -> CheckReport | None:
+    """Export checkpoint ``step`` (default: the latest) of ``run_dir`` to ``out``.
+
+    ``check_data``: Parquet patterns with labels for the self-check (default: the run's
+    ``data.eval``); ``check_rows=0`` skips the check and returns None.
+
+    Raises:
+        CheckpointError: no such checkpoint, or one that does not load.
+        ExportCheckError: the artifact is off by more than ``tolerance`` (default
+            ``TOLERANCES[quantize]``); ``out`` is then left as it was.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {sorted(QUANTIZATIONS)}, got {quantize!r}")
+    tolerance = tolerance or TOLERANCES[quantize]
+    config, module, meta = _load_trained(Path(run_dir), step)
+    source = {"run_dir": str(Path(run_dir).resolve()), "step": meta.step, "epoch": meta.epoch}
+    scripted = script(build_inference_model(module, config, quantize))
+    schema = make_schema(config, quantize, source, tolerance)
+    with atomic_output(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.jit.save(scripted, str(tmp), _extra_files={SCHEMA_FILE: json.dumps(schema, indent=1)})
+        if check_rows <= 0:
+            return None
+        files = resolve_paths(check_data or list(config.data.eval), "check data")
+        report = check_artifact(load_artifact(tmp), module, config, files, check_rows, quantize, tolerance)
+        if not report.passed:
+            raise ExportCheckError(report)
+    return report
+
+
+def check_artifact(
+    artifact: Artifact,
+    module: TrainModule,
+    config: ExperimentConfig,
+    files: list[str],
+    rows: int,
+    quantize: str,
+    tolerance: Tolerance,
+) -> CheckReport:
+    """Compare ``artifact`` with the trained float ``module`` on the first ``rows`` rows of ``files``."""
+    dataset = ParquetDataset(files, config.data, batch_size=min(rows, 2048))
+    tasks = [t.name for t in config.data.tasks]
+    kept: dict[tuple[str, str], list[torch.Tensor]] = {}  # (what, task) -> per-batch rows
+    seen = 0
+    module.eval()
+    with torch.inference_mode():
+        for batch in dataset:
+            n = min(batch.real_rows, rows - seen)  # padding rows come last
+            values = {
+                "trained": {t: torch.sigmoid(v) for t, v in module.model(batch.sparse, batch.dense).items()},
+                "artifact": artifact(batch),
+                "label": batch.labels,
+                "weight": module.loss.example_weights(batch.labels, batch.weights),
+            }
+            for what, per_task in values.items():
+                for t in tasks:
+                    kept.setdefault((what, t), []).append(per_task[t][:n].double())
+            seen += n
+            if seen >= rows or n < batch.num_rows:
+                break
+    report = CheckReport(quantize, seen, tolerance)
+    for t in tasks:
+        p, q, y, w = (torch.cat(kept[what, t]).numpy() for what in ("trained", "artifact", "label", "weight"))
+        space = w > 0  # the task's sample space
+        report.tasks[t] = TaskCheck(
+            max_dp=float(np.abs(p - q).max()) if len(p) else 0.0,
+            auc_trained=auc(p[space], y[space]),
+            auc_artifact=auc(q[space], y[space]),
+            examples=int(space.sum()),
+        )
+    return report
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney, ties counted half); NaN without both classes."""
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], labels[order] > 0.5
+    positives, negatives = int(y.sum()), int((~y).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    _, first, counts = np.unique(s, return_index=True, return_counts=True)
+    ranks = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank of each tie group
+    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _load_trained(run_dir: Path, step: int | None) -> tuple[ExperimentConfig, TrainModule, CheckpointMeta]:
+    """The run's config, the float model with checkpoint ``step``'s weights on CPU, its meta.json.
+
+    Raises:
+        CheckpointError: no such checkpoint, damaged files, or weights that do not fit the config.
+    """
+    meta = read_meta(find_checkpoint(run_dir, step))
+    config = ExperimentConfig.model_validate(meta.config)
+    module = build_train_module(config, torch.device("cpu"))
+    load_model_state(run_dir, meta.step, module)  # by step: `latest` may move meanwhile
+    return config, module.eval(), meta

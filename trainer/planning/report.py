@@ -1,0 +1,646 @@
+"""What a plan means, for people (report.md, charts) and machines (report.json).
+
+Every number comes from TorchRec's estimates on the planned shards: storage per shard from its
+``EmbeddingStorageEstimator`` (weights, optimizer state, input/output buffers), time per shard
+from its default perf estimator (forward/backward compute and communication, ms), the step
+time as its ``_calculate_critical_path`` (ranks synchronise after each phase), the slowest rank
+as its ``NoopPerfModel`` rating. They cover the sparse part of a step (embedding lookups and
+their communication), not the dense layers.
+
+Example::
+
+    figures = compute_figures(result, config_name="billion_scale")
+    write_report(result, figures, Path("docs/plans/billion-2x8"))
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from torchrec.distributed.planner.constants import BIGINT_DTYPE
+from torchrec.distributed.planner.shard_estimators import _calculate_shard_io_sizes, get_num_poolings
+from torchrec.distributed.planner.stats import IMBALANCE_STAT_MEASURE, _calculate_critical_path
+from torchrec.distributed.planner.types import ShardingOption
+
+from trainer.planning.fast import table_bytes
+from trainer.planning.planner import PlanResult, cpu_note
+from trainer.planning.topology import GB
+
+MB = 1024**2
+PERF_FIELDS = ("fwd_compute", "bwd_compute", "fwd_comms", "bwd_comms", "input_dist_comms", "prefetch_compute")
+SCOPE = (
+    "TorchRec's estimates for the sparse part of a step (embedding lookups, their optimizer "
+    "update and communication); dense layers are not included."
+)
+
+
+# ------------------------------------------------------------------------------------ figures
+
+
+def compute_figures(result: PlanResult, config_name: str) -> dict[str, Any]:
+    """The report's numbers as one JSON-ready dict (``report.json``)."""
+    spec = result.spec
+    ws = spec.world_size
+    summary: dict[str, Any] = {
+        "config": config_name,
+        "topology": spec.label,
+        "fits": result.fits,
+        "error": result.error,
+        "planner": result.planner,
+        "planning_seconds": round(result.seconds, 2),
+        "world_size": ws,
+        "compute_device": spec.device,
+        "batch_size_per_rank": spec.batch_size,
+        "global_batch_size": (spec.batch_size or 0) * ws,
+        "sparse_optimizer": spec.sparse_optimizer,
+        "storage_reserve": spec.storage_reserve,
+        "sharding_types_offered": _offered(result),
+        "note": cpu_note(spec),
+        "scope": SCOPE,
+    }
+    figures: dict[str, Any] = {
+        "summary": summary,
+        "topology": spec.model_dump(mode="json"),
+        "planner_stats": result.stats,
+    }
+    if not result.fits or not result.best_plan:
+        summary.update(
+            peak_device_memory_pct=None,
+            est_step_time_ms=None,
+            est_samples_per_s=None,
+            slowest_rank=None,
+        )
+        return figures
+
+    plan = result.best_plan
+    topology = result.topology
+    available = result.storage_constraint
+    assert available is not None
+    device_tier = "hbm" if spec.device == "cuda" else "ddr"
+    dense = result.reservation.get("dense")
+    kjt = result.reservation.get("kjt")
+
+    ranks: list[dict[str, Any]] = []
+    for r in range(ws):
+        cap = topology.devices[r].storage
+        avail = available.devices[r].storage
+        ranks.append(
+            {
+                "rank": r,
+                "node": r // spec.devices_per_node,
+                "hbm_capacity": cap.hbm,
+                "ddr_capacity": cap.ddr,
+                "hbm_available": avail.hbm,
+                "ddr_available": avail.ddr,
+                "hbm_embeddings": 0,
+                "ddr_embeddings": 0,
+                "hbm_dense_and_inputs": (dense.hbm if dense else 0) + (kjt.hbm if kjt else 0),
+                "ddr_dense_and_inputs": (dense.ddr if dense else 0) + (kjt.ddr if kjt else 0),
+                **{f"{f}_ms": 0.0 for f in PERF_FIELDS},
+                "total_ms": 0.0,
+                "input_mb": 0.0,
+                "output_mb": 0.0,
+                "shards": 0,
+            }
+        )
+
+    tables = []
+    for so in sorted(plan, key=lambda o: o.fqn):
+        inputs, outputs = _io_sizes(so, result)
+        shard_ranks = [int(s.rank) for s in so.shards]  # type: ignore[arg-type]
+        for shard, rank, i_bytes, o_bytes in zip(so.shards, shard_ranks, inputs, outputs, strict=True):
+            row = ranks[rank]
+            row["hbm_embeddings"] += shard.storage.hbm
+            row["ddr_embeddings"] += shard.storage.ddr
+            for f in PERF_FIELDS:
+                row[f"{f}_ms"] += getattr(shard.perf, f)
+            row["total_ms"] += shard.perf.total
+            row["input_mb"] += i_bytes / MB
+            row["output_mb"] += o_bytes / MB
+            row["shards"] += 1
+        rows, dim = so.tensor.shape
+        weights = rows * dim * so.tensor.element_size()
+        with_state = table_bytes(so.tensor)
+        tables.append(
+            {
+                "table": so.name,
+                "module": so.path,
+                "rows": rows,
+                "dim": dim,
+                "features": so.num_inputs,
+                "pooling_factor": round(sum(so.input_lengths) / max(len(so.input_lengths), 1), 3),
+                "sharding_type": so.sharding_type,
+                "compute_kernel": so.compute_kernel,
+                "ranks": sorted(set(shard_ranks)),
+                "shards": len(so.shards),
+                "weights_bytes": weights,
+                "optimizer_bytes": with_state - weights,
+                "bytes_with_optimizer": with_state,
+                "hbm_bytes": sum(s.storage.hbm for s in so.shards),
+                "ddr_bytes": sum(s.storage.ddr for s in so.shards),
+                "time_ms": sum(s.perf.total for s in so.shards),
+                "largest_shard_ms": max(s.perf.total for s in so.shards),
+            }
+        )
+
+    for row in ranks:
+        for tier in ("hbm", "ddr"):
+            used = row[f"{tier}_embeddings"] + row[f"{tier}_dense_and_inputs"]
+            row[f"{tier}_used"] = used
+            row[f"{tier}_used_pct"] = (
+                round(100 * used / row[f"{tier}_capacity"], 2) if row[f"{tier}_capacity"] else None
+            )
+    peak_device = max(ranks, key=lambda x: x[f"{device_tier}_used_pct"] or 0)
+    peak_host = max(ranks, key=lambda x: x["ddr_used_pct"] or 0)
+    slowest = max(ranks, key=lambda x: x["total_ms"])
+    critical = _critical_path(plan)
+    torchrec_critical = _calculate_critical_path(plan).total()
+    step_ms = torchrec_critical
+    global_batch = summary["global_batch_size"]
+    summary.update(
+        tables=len(plan),
+        peak_device_memory_pct=peak_device[f"{device_tier}_used_pct"],
+        peak_device_memory_rank=peak_device["rank"],
+        peak_host_memory_pct=peak_host["ddr_used_pct"],
+        peak_host_memory_rank=peak_host["rank"],
+        est_step_time_ms=round(step_ms, 4),
+        est_samples_per_s=round(global_batch / (step_ms / 1000)) if step_ms > 0 else None,
+        slowest_rank=slowest["rank"],
+        slowest_rank_ms=round(slowest["total_ms"], 4),
+        sharding_types_used=dict(Counter(t["sharding_type"] for t in tables).most_common()),
+        compute_kernels_used=dict(Counter(t["compute_kernel"] for t in tables).most_common()),
+    )
+    for row in ranks:
+        for key in list(row):
+            if key.endswith("_ms") or key.endswith("_mb"):
+                row[key] = round(row[key], 4)
+    figures.update(
+        ranks=ranks,
+        tables=tables,
+        critical_path=critical,
+        imbalance=_imbalance(ranks, device_tier),
+    )
+    return figures
+
+
+def _offered(result: PlanResult) -> list[str]:
+    from trainer.sharding import CPU_SHARDING_TYPES
+
+    if result.spec.device == "cpu":
+        return list(CPU_SHARDING_TYPES)
+    return ["data_parallel", "table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"]
+
+
+def _io_sizes(so: ShardingOption, result: PlanResult) -> tuple[list[int], list[int]]:
+    """Input (ids) and output (pooled embeddings) bytes per shard and step, as TorchRec's stats."""
+    constraints = result.constraints
+    c = constraints.get(so.name) if constraints else None
+    batch_sizes = c.batch_sizes if c and c.batch_sizes else [so.batch_size] * so.num_inputs
+    return _calculate_shard_io_sizes(
+        sharding_type=so.sharding_type,
+        batch_sizes=batch_sizes,
+        world_size=result.topology.world_size,
+        local_world_size=result.topology.local_world_size,
+        input_lengths=so.input_lengths,
+        emb_dim=so.tensor.shape[1],
+        shard_sizes=[s.size for s in so.shards],
+        input_data_type_size=BIGINT_DTYPE,
+        output_data_type_size=so.tensor.element_size(),
+        num_poolings=get_num_poolings(constraints, so),
+        is_pooled=so.is_pooled,
+    )
+
+
+def _critical_path(plan: list[ShardingOption]) -> dict[str, Any]:
+    """TorchRec's critical path, by phase: ranks synchronise after each phase; communication
+    per (module, sharding type, direction) is the slowest rank's, compute per direction too."""
+    comms: dict[tuple[str, str, str], dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    comp: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for so in plan:
+        for shard in so.shards:
+            rank = int(shard.rank)  # type: ignore[arg-type]
+            comms[(so.path, so.sharding_type, "fwd")][rank] += shard.perf.fwd_comms
+            comms[(so.path, so.sharding_type, "bwd")][rank] += shard.perf.bwd_comms
+            comp["fwd"][rank] += shard.perf.fwd_compute
+            comp["bwd"][rank] += shard.perf.bwd_compute
+    phases = []
+    for (module, sharding_type, direction), per_rank in comms.items():
+        rank, ms = max(per_rank.items(), key=lambda kv: kv[1])
+        phases.append(
+            {"phase": f"{direction} comms {sharding_type}", "module": module, "slowest_rank": rank, "ms": ms}
+        )
+    for direction, per_rank in comp.items():
+        rank, ms = max(per_rank.items(), key=lambda kv: kv[1])
+        phases.append({"phase": f"{direction} compute", "module": "", "slowest_rank": rank, "ms": ms})
+    phases.sort(key=lambda p: -p["ms"])
+    comms_ms = sum(p["ms"] for p in phases if "comms" in p["phase"])
+    comp_ms = sum(p["ms"] for p in phases if "compute" in p["phase"])
+    for p in phases:
+        p["ms"] = round(p["ms"], 4)
+    return {
+        "comms_ms": round(comms_ms, 4),
+        "compute_ms": round(comp_ms, 4),
+        "total_ms": round(comms_ms + comp_ms, 4),
+        "phases": phases,
+    }
+
+
+def _imbalance(ranks: list[dict[str, Any]], device_tier: str) -> dict[str, dict[str, float]]:
+    """Per distribution (time, device memory, host memory): max/mean and TorchRec's measures
+    (0 = balanced, 1 = everything on one rank)."""
+    out = {}
+    for name, key in (
+        ("time", "total_ms"),
+        ("device_memory", f"{device_tier}_embeddings"),
+        ("host_memory", "ddr_embeddings"),
+    ):
+        if name == "host_memory" and device_tier == "ddr":
+            continue
+        values = [float(r[key]) for r in ranks]
+        total = sum(values)
+        if total <= 0:
+            continue
+        normalized = [v / total for v in values]
+        measures = {"max_over_mean": round(max(values) / (total / len(values)), 4)}
+        for label, (measure, kwargs) in IMBALANCE_STAT_MEASURE.items():
+            measures[label.lower().replace(" ", "_")] = round(measure(normalized, **kwargs), 4)
+        out[name] = measures
+    return out
+
+
+# ------------------------------------------------------------------------------------- output
+
+
+def write_report(
+    result: PlanResult, figures: dict[str, Any], out: Path, plan_meta: dict[str, Any] | None = None
+) -> list[Path]:
+    """plan.json (when it fits), report.json, report.md, memory.png, time.png under ``out``."""
+    from trainer.planning.plan_file import write_plan_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    plan_path = out / "plan.json"
+    if result.fits and result.sharding_plan is not None:
+        write_plan_file(plan_path, result, plan_meta or {})
+        written.append(plan_path)
+    else:  # files of an earlier run must not be mistaken for this one's
+        for stale in (plan_path, out / "memory.png", out / "time.png"):
+            stale.unlink(missing_ok=True)
+    (out / "report.json").write_text(json.dumps(figures, indent=1) + "\n")
+    written.append(out / "report.json")
+    charts = []
+    if result.fits and result.best_plan:
+        charts = [memory_chart(figures, out / "memory.png"), time_chart(figures, out / "time.png")]
+        written += charts
+    (out / "report.md").write_text(markdown(figures, [c.name for c in charts]))
+    written.append(out / "report.md")
+    return written
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.1f}"
+
+
+def _size(n: float) -> str:
+    if not n:
+        return "-"
+    for unit, scale in (("GB", GB), ("MB", MB), ("KB", 1024)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _ranks_text(ranks: list[int], devices_per_node: int, world_size: int) -> str:
+    if len(ranks) == world_size and world_size > 1:
+        return f"all {world_size}"
+    runs, start, prev = [], None, None
+    for r in ranks:
+        if start is None:
+            start = prev = r
+        elif r == prev + 1:
+            prev = r
+        else:
+            runs.append((start, prev))
+            start = prev = r
+    if start is not None:
+        runs.append((start, prev))
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    if (
+        len(ranks) == devices_per_node
+        and ranks[0] % devices_per_node == 0
+        and ranks == list(range(ranks[0], ranks[0] + devices_per_node))
+    ):
+        text += f" (node {ranks[0] // devices_per_node})"
+    return text
+
+
+def markdown(figures: dict[str, Any], charts: list[str]) -> str:
+    s = figures["summary"]
+    topo = figures["topology"]
+    from trainer.planning.topology import TopologySpec
+
+    spec = TopologySpec.model_validate(topo)
+    lines = [f"# Shard plan: {s['config']} on {s['topology']}", ""]
+    lines += ["## Summary", ""]
+    if not s["fits"]:
+        lines += [f"- **Fits: no.** {s['error']}"]
+    else:
+        device = "HBM" if s["compute_device"] == "cuda" else "host memory"
+        lines += [
+            f"- **Fits: yes.** Peak device memory {s['peak_device_memory_pct']:.1f}% of {device} "
+            f"(rank {s['peak_device_memory_rank']})"
+            + (
+                (
+                    f", peak host memory {s['peak_host_memory_pct']:.1f}% "
+                    f"(rank {s['peak_host_memory_rank']}) for tables cached from host memory"
+                    if s["peak_host_memory_pct"]
+                    else "; no table in host memory"
+                )
+                if s["compute_device"] == "cuda"
+                else ""
+            )
+            + ".",
+            f"- **Estimated step time: {s['est_step_time_ms']:.2f} ms** (critical path), about "
+            f"**{s['est_samples_per_s']:,} samples/s** at {s['batch_size_per_rank']:,} per rank x "
+            f"{s['world_size']} ranks.",
+            f"- **Slowest rank: {s['slowest_rank']}** with {s['slowest_rank_ms']:.2f} ms of estimated work.",
+            f"- Tables: {s['tables']}; sharding: "
+            + ", ".join(f"{k} {v}" for k, v in s["sharding_types_used"].items())
+            + "; kernels: "
+            + ", ".join(f"{k} {v}" for k, v in s["compute_kernels_used"].items())
+            + ".",
+        ]
+    lines += [
+        f"- Topology: {spec.describe()}; batch {s['batch_size_per_rank']:,} per rank; storage reserve "
+        f"{s['storage_reserve']:.0%}; sparse optimizer {s['sparse_optimizer']} (its state counts in memory).",
+        f"- Planner: {s['planner']}, {s['planning_seconds']:.1f} s.",
+        f"- Scope: {s['scope']}",
+    ]
+    if s["note"]:
+        lines += [f"- {s['note']}"]
+    lines += [""]
+    if not s["fits"]:
+        return "\n".join(lines)
+
+    if charts:
+        lines += ["## Charts", ""] + [f"![{c.split('.')[0]}]({c})" for c in charts] + [""]
+
+    cp = figures["critical_path"]
+    lines += [
+        "## Critical path",
+        "",
+        f"Ranks synchronise after each phase, so a phase lasts as long as its slowest rank: "
+        f"{cp['comms_ms']:.3f} ms of communication + {cp['compute_ms']:.3f} ms of compute = "
+        f"**{cp['total_ms']:.3f} ms**.",
+        "",
+    ]
+    lines += _table(
+        ["phase", "slowest rank", "ms"],
+        [[p["phase"], p["slowest_rank"], f"{p['ms']:.3f}"] for p in cp["phases"]],
+    )
+    lines += ["", "## Imbalance", "", "0 = perfectly balanced, 1 = everything on one rank.", ""]
+    imb = figures["imbalance"]
+    metrics = sorted({m for v in imb.values() for m in v}, key=lambda m: (m != "max_over_mean", m))
+    lines += _table(
+        ["measure"] + [d.replace("_", " ") for d in imb],
+        [[m.replace("_", " ")] + [f"{imb[d].get(m, 0):.3f}" for d in imb] for m in metrics],
+    )
+    lines += ["", "## Ranks", ""]
+    cuda = s["compute_device"] == "cuda"
+    header = ["rank", "node"]
+    header += ["HBM used GB", "HBM %"] if cuda else []
+    header += ["host GB", "host %", "fwd comp ms", "bwd comp ms", "fwd comm ms", "bwd comm ms", "total ms"]
+    header += ["input MB", "output MB", "shards"]
+    rows = []
+    for r in figures["ranks"]:
+        row = [r["rank"], r["node"]]
+        if cuda:
+            row += [_gb(r["hbm_used"]), f"{r['hbm_used_pct']:.1f}"]
+        row += [_gb(r["ddr_used"]), f"{r['ddr_used_pct']:.1f}"]
+        row += [f"{r[f'{f}_ms']:.3f}" for f in ("fwd_compute", "bwd_compute", "fwd_comms", "bwd_comms")]
+        row += [f"{r['total_ms']:.3f}", f"{r['input_mb']:.2f}", f"{r['output_mb']:.2f}", r["shards"]]
+        rows.append(row)
+    lines += _table(header, rows)
+    lines += [
+        "",
+        "Memory used = embedding shards (weights, optimizer state, input/output buffers) + TorchRec's "
+        "reservation for dense parameters and input batches; the storage reserve is kept free on top.",
+        "",
+        "## Tables",
+        "",
+    ]
+    rows = []
+    for t in sorted(figures["tables"], key=lambda t: -t["bytes_with_optimizer"]):
+        rows.append(
+            [
+                t["table"],
+                f"{t['rows']:,}",
+                t["dim"],
+                t["features"],
+                f"{t['pooling_factor']:g}",
+                t["sharding_type"],
+                t["compute_kernel"],
+                _ranks_text(t["ranks"], spec.devices_per_node, spec.world_size),
+                _size(t["bytes_with_optimizer"]),
+            ]
+            + ([_size(t["hbm_bytes"])] if cuda else [])
+            + [_size(t["ddr_bytes"]), f"{t['time_ms']:.3f}"]
+        )
+    lines += _table(
+        [
+            "table",
+            "rows",
+            "dim",
+            "features",
+            "pooling",
+            "sharding",
+            "kernel",
+            "ranks",
+            "size with optimizer",
+        ]
+        + (["HBM (all shards)"] if cuda else [])
+        + ["host memory (all shards)", "time ms (all shards)"],
+        rows,
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+# ------------------------------------------------------------------------------------- charts
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def memory_chart(figures: dict[str, Any], path: Path) -> Path:
+    """Per rank, stacked: embedding shards, dense+inputs reservation, free; capacity line."""
+    plt = _pyplot()
+    ranks = figures["ranks"]
+    cuda = figures["summary"]["compute_device"] == "cuda"
+    tiers = [("hbm", "device memory (HBM)")] if cuda else [("ddr", "host memory")]
+    if cuda and any(r["ddr_embeddings"] for r in ranks):  # tables cached from host memory
+        tiers.append(("ddr", "host memory (tables behind an HBM cache)"))
+    x = [r["rank"] for r in ranks]
+    width = max(6.0, min(18.0, 0.22 * len(x) + 3))
+    fig, axes = plt.subplots(len(tiers), 1, figsize=(width, 3.2 * len(tiers)), squeeze=False)
+    for ax, (tier, title) in zip(axes[:, 0], tiers, strict=True):
+        emb = [r[f"{tier}_embeddings"] / GB for r in ranks]
+        reserved = [r[f"{tier}_dense_and_inputs"] / GB for r in ranks]
+        margin = [
+            max(r[f"{tier}_capacity"] - r[f"{tier}_available"] - r[f"{tier}_dense_and_inputs"], 0) / GB
+            for r in ranks
+        ]
+        cap = ranks[0][f"{tier}_capacity"] / GB
+        ax.bar(x, emb, color="#4C72B0", label="embedding shards")
+        ax.bar(x, reserved, bottom=emb, color="#DD8452", label="dense + input reservation")
+        bottoms = [a + b for a, b in zip(emb, reserved, strict=True)]
+        if any(margin):
+            ax.bar(x, margin, bottom=bottoms, color="#CCCCCC", label="storage reserve (kept free)")
+        ax.axhline(cap, color="#C44E52", linestyle="--", linewidth=1.2, label=f"capacity {cap:g} GB")
+        ax.set_ylabel("GB")
+        ax.set_title(f"{title} per rank", fontsize=9)
+        ax.set_xlim(-0.6, len(x) - 0.4)
+        ax.set_ylim(0, cap * 1.32)
+        ax.legend(loc="upper center", fontsize=7, ncol=4, frameon=False)
+    axes[-1, 0].set_xlabel("rank")
+    fig.suptitle(f"{figures['summary']['config']} on {figures['summary']['topology']}: memory", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def time_chart(figures: dict[str, Any], path: Path) -> Path:
+    """Per rank, stacked estimated time by phase; the step time (critical path) as a line."""
+    plt = _pyplot()
+    ranks = figures["ranks"]
+    x = [r["rank"] for r in ranks]
+    width = max(6.0, min(18.0, 0.22 * len(x) + 3))
+    fig, ax = plt.subplots(figsize=(width, 3.4))
+    bottom = [0.0] * len(x)
+    colors = ["#4C72B0", "#55A868", "#DD8452", "#C44E52", "#8172B3", "#937860"]
+    for field, color in zip(PERF_FIELDS, colors, strict=True):
+        values = [r[f"{field}_ms"] for r in ranks]
+        # input_dist_comms is not part of TorchRec's per-shard total; prefetch only with caching
+        if field == "input_dist_comms" or (field == "prefetch_compute" and not any(values)):
+            continue
+        ax.bar(x, values, bottom=bottom, color=color, label=field.replace("_", " "))
+        bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+    step = figures["summary"]["est_step_time_ms"]
+    ax.axhline(
+        step, color="black", linestyle="--", linewidth=1.0, label=f"step (critical path) {step:.2f} ms"
+    )
+    ax.set_xlabel("rank")
+    ax.set_ylabel("ms")
+    ax.set_xlim(-0.6, len(x) - 0.4)
+    ax.set_ylim(0, max(max(bottom), step) * 1.35)
+    ax.set_title(
+        f"{figures['summary']['config']} on {figures['summary']['topology']}: estimated time per rank",
+        fontsize=10,
+    )
+    ax.legend(loc="upper center", fontsize=7, ncol=5, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ compare
+
+
+def compare_rows(all_figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for f in all_figures:
+        s = f["summary"]
+        rows.append(
+            {
+                "topology": s["topology"],
+                "world_size": s["world_size"],
+                "batch_size_per_rank": s["batch_size_per_rank"],
+                "fits": s["fits"],
+                "peak_device_memory_pct": s.get("peak_device_memory_pct"),
+                "est_step_time_ms": s.get("est_step_time_ms"),
+                "est_samples_per_s": s.get("est_samples_per_s"),
+                "slowest_rank_ms": s.get("slowest_rank_ms"),
+                "planning_seconds": s["planning_seconds"],
+                "error": s["error"],
+            }
+        )
+    return rows
+
+
+def write_compare(
+    all_figures: list[dict[str, Any]], dirs: list[str], out: Path, config_name: str
+) -> list[Path]:
+    """compare.md, compare.json and compare.png: one row per topology / batch size."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = compare_rows(all_figures)
+    (out / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
+    chart = compare_chart(rows, out / "compare.png", config_name)
+    lines = [f"# What-if: {config_name}", "", SCOPE, "", f"![compare]({chart.name})", ""]
+    table = []
+    for row, d in zip(rows, dirs, strict=True):
+        fits = "yes" if row["fits"] else "**no**"
+        table.append(
+            [
+                f"[{row['topology']}]({d}/report.md)",
+                row["world_size"],
+                f"{row['batch_size_per_rank']:,}",
+                fits,
+                f"{row['peak_device_memory_pct']:.1f}" if row["peak_device_memory_pct"] is not None else "-",
+                f"{row['est_step_time_ms']:.2f}" if row["est_step_time_ms"] is not None else "-",
+                f"{row['est_samples_per_s']:,}" if row["est_samples_per_s"] is not None else "-",
+            ]
+        )
+    lines += _table(
+        ["topology", "ranks", "batch per rank", "fits", "peak memory %", "est. step ms", "est. samples/s"],
+        table,
+    )
+    notes = [f"- {r['topology']}: {r['error']}" for r in rows if not r["fits"] and r["error"]]
+    if notes:
+        lines += ["", "Does not fit:", ""] + notes
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    return [out / "compare.md", out / "compare.json", chart]
+
+
+def compare_chart(rows: list[dict[str, Any]], path: Path, config_name: str) -> Path:
+    plt = _pyplot()
+    labels = [f"{r['topology']}\nbatch {r['batch_size_per_rank']}" for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows) + 2), 3.6))
+    step = [r["est_step_time_ms"] or 0 for r in rows]
+    sps = [(r["est_samples_per_s"] or 0) / 1e6 for r in rows]
+    colors = ["#4C72B0" if r["fits"] else "#BBBBBB" for r in rows]
+    ax1.bar(x, step, color=colors)
+    ax2.bar(x, sps, color=colors)
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=7)
+    for i, r in enumerate(rows):
+        if not r["fits"]:
+            ax1.text(i, 0, "does not fit", ha="center", va="bottom", rotation=90, fontsize=8)
+        elif r["peak_device_memory_pct"] is not None:
+            ax1.text(
+                i, step[i], f"{r['peak_device_memory_pct']:.0f}% mem", ha="center", va="bottom", fontsize=7
+            )
+    ax1.set_ylabel("estimated step time, ms")
+    ax2.set_ylabel("estimated samples/s, millions")
+    fig.suptitle(f"{config_name}: what-if (sparse part of the step, TorchRec estimates)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
