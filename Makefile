@@ -11,8 +11,11 @@ DEMO_ROWS ?= 1000000
 setup:
 	@bash scripts/setup.sh
 
+# The demo always trains from scratch: an earlier runs/demo (and its checkpoints) is removed first,
+# otherwise the run would resume the finished one and only report its stored metrics.
 demo: setup
 	towerrec data synth --out $(DEMO_DATA) --rows $(DEMO_ROWS) --seed 0
+	rm -rf runs/demo
 	torchx run -s local_cwd launch/components.py:train --config configs/demo.yaml --nproc_per_node 2
 	@python -c "import json; m = json.load(open('runs/demo/eval_metrics.json')); \
 	print('held-out metrics (runs/demo/eval_metrics.json):'); \

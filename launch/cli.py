@@ -14,6 +14,8 @@ import sys
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
+from trainer.config import add_config_arguments
+
 Handler = Callable[[argparse.Namespace], int]
 Builder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -131,17 +133,9 @@ def _build_train(subparsers) -> None:
             "      --nproc_per_node 2 -- training.batch_size=4096 training.epochs=2"
         ),
     )
-    parser.add_argument("--config", required=True, metavar="PATH", help="experiment YAML file")
+    add_config_arguments(parser)
     parser.add_argument(
         "--nproc_per_node", type=_positive_int, default=1, metavar="N", help="trainer processes"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted config override, e.g. training.batch_size=4096 (repeatable)",
     )
     parser.add_argument(
         "--resume",
@@ -465,7 +459,7 @@ def _build_plan(subparsers) -> None:
             "      --batch_sizes 2048,8192 --compare --out runs/whatif"
         ),
     )
-    parser.add_argument("--config", required=True, metavar="PATH", help="experiment YAML file")
+    add_config_arguments(parser)
     parser.add_argument(
         "--topology",
         required=True,
@@ -494,14 +488,6 @@ def _build_plan(subparsers) -> None:
         default=20.0,
         metavar="S",
         help="fast planner: time for improving the placement",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted config override, e.g. training.batch_size=4096 (repeatable)",
     )
     parser.set_defaults(handler=_plan)
 

@@ -11,6 +11,7 @@ adds the training and sharding sections, and applies dotted command-line overrid
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,7 +20,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from data.config import DataConfig, StrictModel, resolve_paths
-from data.parquet import DataError, inspect_files
 from modules.config import ModelConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -156,6 +156,20 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config PATH`` and repeatable ``--set KEY=VALUE`` (into ``args.overrides``): the same two
+    arguments on every command that reads an experiment config."""
+    parser.add_argument("--config", required=True, metavar="PATH", help="experiment YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. training.batch_size=4096 (repeatable)",
+    )
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply ``a.b.c=value`` to a raw config dict; the value is parsed as YAML."""
     key, sep, value = override.partition("=")
@@ -228,6 +242,8 @@ def validate_data(config: ExperimentConfig) -> None:
     Raises:
         ConfigError: naming the key (``data.train``/``data.eval``), the file and the column.
     """
+    from data.parquet import DataError, inspect_files  # torch and pyarrow: only when checking data
+
     for key in ("train", "eval"):
         try:
             inspect_files(resolve_paths(getattr(config.data, key), f"data.{key}"), config.data)

@@ -18,22 +18,14 @@ import torch.distributed as dist
 
 from data.parquet import DataError
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, load_config, validate_data
+from trainer.config import ConfigError, add_config_arguments, load_config, validate_data
 from trainer.distributed import RankFailure, describe_error, init_distributed
 from trainer.train import train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="trainer.main", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. training.batch_size=4096 (repeatable)",
-    )
+    add_config_arguments(parser)
     return parser.parse_args(argv)
 
 

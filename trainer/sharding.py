@@ -12,8 +12,9 @@ from typing import Any
 
 import torch.nn as nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from trainer.config import ExperimentConfig
@@ -80,10 +81,10 @@ def plan_sharding(module: nn.Module, config: ExperimentConfig, env: DistEnv) -> 
         return load_plan_file(
             config.sharding.plan_file, module, env.world_size, env.local_world_size, env.device.type
         )
-    topology = Topology(
-        world_size=env.world_size,
-        local_world_size=env.local_world_size,
-        compute_device=env.device.type,
+    # Through TorchRec's factory (as it asks): default device capacities and bandwidths.
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size),
+        kernel_config=KernelConfig(compute_device=env.device.type),
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,
