@@ -198,8 +198,9 @@ class Trainer:
         self.loss = module.loss
         apply_sparse_optimizer(module, training.sparse_optimizer)
         plan = plan_sharding(module, config, env)
-        self.recorder.write_json("sharding_plan.json", plan_to_dict(plan))
-        self._log_plan(plan_to_dict(plan))
+        placement = plan_to_dict(plan)
+        self.recorder.write_json("sharding_plan.json", placement)
+        self._log_plan(placement)
         self.model = DistributedModelParallel(
             module,
             device=env.device,
@@ -207,7 +208,7 @@ class Trainer:
             env=ShardingEnv.from_process_group(dist.group.WORLD),
             sharders=sharders(),
         )
-        replicated = replicated_tables(plan_to_dict(plan))
+        replicated = replicated_tables(placement)
         self.dense_optimizer = dense_optimizer(self.model, training.dense_optimizer, exclude=replicated)
         self.table_optimizer = replicated_table_optimizer(self.model, replicated, training.sparse_optimizer)
         optimizer = CombinedOptimizer(
@@ -227,7 +228,7 @@ class Trainer:
             self.model,
             self.dense_optimizer,
             self.table_optimizer,
-            plan_to_dict(plan),
+            placement,
             self.train_set,
         )
         self.resumed = self.checkpoints.resume()
