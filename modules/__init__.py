@@ -5,6 +5,8 @@ not pull in TorchRec):
 
 - ``modules.mlp.MLP``, ``modules.gate.Gate``, ``modules.tower.Tower``: common parts.
 - ``modules.ple.PLE`` / ``modules.ple.CGC``: Progressive Layered Extraction.
+- ``modules.mmoe.MMoE``, ``modules.shared_bottom.SharedBottom``, ``modules.single_task.SingleTask``:
+  the papers' baselines.
 - ``modules.loss.MultiTaskLoss`` / ``TaskLossSpec``: weighted BCE with sample spaces.
 - ``modules.multitask.MultiTaskModel``: embeddings + dense features -> network.
 - ``modules.builders.build_network``: config -> network.

@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from modules.config import ModelConfig, PLEConfig
+from modules.config import (
+    CGCConfig,
+    MLPConfig,
+    MMoEConfig,
+    ModelConfig,
+    PLEConfig,
+    SharedBottomConfig,
+    SingleTaskConfig,
+)
+from modules.mmoe import MMoE
 from modules.ple import PLE
+from modules.shared_bottom import SharedBottom
+from modules.single_task import SingleTask
 
 
-def build_ple(config: PLEConfig, in_features: int, task_names: Sequence[str]) -> PLE:
-    """PLE (or CGC when ``num_levels == 1``) from its config.
+def _mlp_kwargs(mlp: MLPConfig) -> Dict[str, Any]:
+    return {"activation": mlp.activation, "norm": mlp.norm, "dropout": mlp.dropout}
+
+
+def build_ple(config: Union[PLEConfig, CGCConfig], in_features: int, task_names: Sequence[str]) -> PLE:
+    """PLE (or CGC when ``num_levels == 1`` or ``type: cgc``) from its config.
 
     Example::
 
         build_ple(PLEConfig(type="ple", num_levels=1), in_features=32, task_names=["click"])
+        build_ple(CGCConfig(type="cgc"), in_features=32, task_names=["click"])  # one level
     """
     experts = config.experts_per_task
     return PLE(
         in_features,
         task_names,
-        num_levels=config.num_levels,
+        num_levels=getattr(config, "num_levels", 1),
         experts_per_task=experts if isinstance(experts, int) else list(experts),
         shared_experts=config.shared_experts,
         expert_hidden=list(config.expert_hidden),
@@ -35,8 +51,65 @@ def build_ple(config: PLEConfig, in_features: int, task_names: Sequence[str]) ->
     )
 
 
+def build_mmoe(config: MMoEConfig, in_features: int, task_names: Sequence[str]) -> MMoE:
+    """MMoE from its config.
+
+    Example::
+
+        build_mmoe(MMoEConfig(type="mmoe", num_experts=8), 32, ["click", "conversion"])
+    """
+    return MMoE(
+        in_features,
+        task_names,
+        num_experts=config.num_experts,
+        expert_hidden=list(config.expert_hidden),
+        tower_hidden=list(config.tower_hidden),
+        **_mlp_kwargs(config.mlp),
+    )
+
+
+def build_shared_bottom(
+    config: SharedBottomConfig, in_features: int, task_names: Sequence[str]
+) -> SharedBottom:
+    """Shared-Bottom from its config.
+
+    Example::
+
+        build_shared_bottom(SharedBottomConfig(type="shared_bottom"), 32, ["click", "conversion"])
+    """
+    return SharedBottom(
+        in_features,
+        task_names,
+        bottom_hidden=list(config.bottom_hidden),
+        tower_hidden=list(config.tower_hidden),
+        **_mlp_kwargs(config.mlp),
+    )
+
+
+def build_single_task(config: SingleTaskConfig, in_features: int, task_names: Sequence[str]) -> SingleTask:
+    """Single-task baseline from its config.
+
+    Example::
+
+        build_single_task(SingleTaskConfig(type="single_task", hidden=[64]), 32, ["income"])
+    """
+    return SingleTask(
+        in_features,
+        task_names,
+        hidden=list(config.hidden),
+        tower_hidden=list(config.tower_hidden),
+        **_mlp_kwargs(config.mlp),
+    )
+
+
 # model.type -> builder(config, in_features, task_names); new model types register here.
-NETWORK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"ple": build_ple}
+NETWORK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
+    "ple": build_ple,
+    "cgc": build_ple,
+    "mmoe": build_mmoe,
+    "shared_bottom": build_shared_bottom,
+    "single_task": build_single_task,
+}
 
 
 def build_network(config: ModelConfig, in_features: int, task_names: List[str]) -> nn.Module:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 
 from modules.mlp import MLP
+
+
+def check_task_names(task_names: Sequence[str]) -> List[str]:
+    """``task_names`` as a list; raises ``ValueError`` unless it is non-empty and unique."""
+    names = list(task_names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"task_names must be non-empty and unique, got {names}")
+    return names
 
 
 class Tower(nn.Module):
