@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -153,3 +153,19 @@ def resolve_paths(patterns: list[str], key: str) -> list[str]:
             raise FileNotFoundError(f"{key}: {pattern!r} matches no file")
         files.extend(matched)
     return sorted(dict.fromkeys(files))
+
+
+def ready_training_section() -> dict[str, Any]:
+    """The ``training`` section the data generators (synthetic, public data sets) write into the
+    ready ``config.yaml`` beside their data: one place for those defaults."""
+    return {
+        "batch_size": 1024,
+        "epochs": 1,
+        "seed": 0,
+        "num_workers": 1,
+        "shuffle_buffer": 0,
+        "eval_interval": 0,
+        "log_interval": 50,
+        "sparse_optimizer": {"type": "rowwise_adagrad", "lr": 0.05},
+        "dense_optimizer": {"type": "adam", "lr": 0.001},
+    }

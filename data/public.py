@@ -65,6 +65,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
+from data.config import ready_training_section
+
 NUM_BUCKETS = 16
 SPLITS = ("train", "valid", "test")
 
@@ -362,17 +364,7 @@ def _config(out_dir: str, name: str, sizes: dict[str, int], dense: list[str], ta
             "tasks": tasks,
         },
         "model": {"type": "ple"},
-        "training": {
-            "batch_size": 1024,
-            "epochs": 1,
-            "seed": 0,
-            "num_workers": 1,
-            "shuffle_buffer": 0,
-            "eval_interval": 0,
-            "log_interval": 50,
-            "sparse_optimizer": {"type": "rowwise_adagrad", "lr": 0.05},
-            "dense_optimizer": {"type": "adam", "lr": 0.001},
-        },
+        "training": ready_training_section(),
     }
 
 

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from data.config import ready_training_section
 from data.hashing import mix64, unit_uniform
 
 VOCAB = {"user": 100_000, "item": 50_000, "category": 200, "city": 1_000, "device": 10}
@@ -113,17 +114,7 @@ def synthetic_config(out_dir: str, run_dir: str = "runs/synth") -> dict[str, Any
             "expert_hidden": [64],
             "tower_hidden": [64, 32],
         },
-        "training": {
-            "batch_size": 1024,
-            "epochs": 1,
-            "seed": 0,
-            "num_workers": 1,
-            "shuffle_buffer": 0,
-            "eval_interval": 0,
-            "log_interval": 50,
-            "sparse_optimizer": {"type": "rowwise_adagrad", "lr": 0.05},
-            "dense_optimizer": {"type": "adam", "lr": 0.001},
-        },
+        "training": ready_training_section(),
     }
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from modules.gate import Gate
 from modules.mlp import MLP
-from modules.tower import Tower
+from modules.tower import Tower, check_task_names
 
 
 class LevelOutput(NamedTuple):
@@ -140,9 +140,7 @@ class PLE(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.task_names: List[str] = list(task_names)
-        if not self.task_names or len(set(self.task_names)) != len(self.task_names):
-            raise ValueError(f"task_names must be non-empty and unique, got {self.task_names}")
+        self.task_names: List[str] = check_task_names(task_names)
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         if not expert_hidden:
