@@ -11,6 +11,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from modules.config import (
     CGCConfig,
+    DTNConfig,
     MLPConfig,
     MMoEConfig,
     ModelConfig,
@@ -18,6 +19,7 @@ from modules.config import (
     SharedBottomConfig,
     SingleTaskConfig,
 )
+from modules.dtn import DTN
 from modules.mmoe import MMoE
 from modules.ple import PLE
 from modules.shared_bottom import SharedBottom
@@ -102,6 +104,41 @@ def build_single_task(config: SingleTaskConfig, in_features: int, task_names: Se
     )
 
 
+def build_dtn(config: DTNConfig, in_features: int, task_names: Sequence[str]) -> DTN:
+    """DTN from its config; raises ``ValueError`` if ``dependencies`` names an unknown task.
+
+    Example::
+
+        build_dtn(DTNConfig(type="dtn", dependencies={"conversion": "click"}), 32, ["click", "conversion"])
+    """
+    mlp_kw = _mlp_kwargs(config.mlp)
+    options: Dict[str, Dict[str, Any]] = {
+        "gdcn": {"num_layers": config.gdcn_layers},
+        "masknet": {
+            "num_blocks": config.masknet_blocks,
+            "block_width": config.masknet_block_width,
+            "hidden": list(config.masknet_hidden),
+            **mlp_kw,
+        },
+        "dcnv2": {"num_layers": config.dcn_layers},
+        "mlp": {"hidden": list(config.interaction_mlp_hidden), **mlp_kw},
+    }
+    return DTN(
+        in_features,
+        task_names,
+        methods=list(config.methods),
+        module_width=config.module_width,
+        instances_per_method=config.instances_per_method,
+        method_options=options,
+        gate_selector=config.gate_selector,
+        dependencies=dict(config.dependencies),
+        tsn_detach=config.tsn_detach,
+        combine=config.combine,
+        tower_hidden=list(config.tower_hidden),
+        **mlp_kw,
+    )
+
+
 # model.type -> builder(config, in_features, task_names); new model types register here.
 NETWORK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     "ple": build_ple,
@@ -109,6 +146,7 @@ NETWORK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     "mmoe": build_mmoe,
     "shared_bottom": build_shared_bottom,
     "single_task": build_single_task,
+    "dtn": build_dtn,
 }
 
 

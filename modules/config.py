@@ -1,6 +1,6 @@
 """Typed hyperparameters of the dense multi-task models, selected by ``model.type``.
 
-Types: ``ple``, ``cgc`` (PLE with one level), ``mmoe``, ``shared_bottom``, ``single_task``.
+Types: ``ple``, ``cgc`` (PLE with one level), ``mmoe``, ``shared_bottom``, ``single_task``, ``dtn``.
 
 Example::
 
@@ -16,13 +16,22 @@ Example::
     model: {type: shared_bottom, bottom_hidden: [128, 64], tower_hidden: [64, 32]}
     model: {type: single_task, hidden: [128, 64], tower_hidden: [64, 32]}
     model: {type: cgc, experts_per_task: 1, shared_experts: 1}
+
+    model:
+      type: dtn
+      methods: [gdcn, masknet]
+      module_width: 256
+      gate_selector: input          # or self (the authors' code)
+      dependencies: {conversion: click}
+      combine: concat               # or sum
+      tower_hidden: [128, 64]
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -99,8 +108,65 @@ class SingleTaskConfig(_ModelSection):
     mlp: MLPConfig = MLPConfig()
 
 
-# PLEConfig first: error messages list the allowed types in this order. DTN joins this union.
+def find_dependency_cycle(dependencies: Mapping[str, str]) -> Optional[list[str]]:
+    """A cycle of the task -> parent map as ``[a, b, ..., a]`` (``[a, a]`` for a self-dependency), or None.
+
+    Example::
+
+        find_dependency_cycle({"a": "b", "b": "a"})  # ["a", "b", "a"]
+    """
+    for start in dependencies:
+        path = [start]
+        while path[-1] in dependencies:
+            nxt = dependencies[path[-1]]
+            if nxt in path:
+                return path[path.index(nxt) :] + [nxt]
+            path.append(nxt)
+    return None
+
+
+class DTNConfig(_ModelSection):
+    """DTN (Bi et al. 2024): task-specific + shared groups of feature-interaction modules, TSN.
+
+    ``methods``: FI methods in every group (``gdcn``, ``masknet``, ``dcnv2``, ``mlp``), each
+    ``instances_per_method`` times. ``dependencies``: task -> parent task (TSN); cycles are rejected
+    here, unknown task names by the experiment config (which knows the tasks) and by the module.
+    ``gate_selector``: ``input`` (gate on x) or ``self`` (each module scored from its own output).
+    ``combine``: tower input ``concat(S_pool, S_self)`` (width 2d) or ``S_pool + S_self`` (width d).
+    """
+
+    type: Literal["dtn"]
+    methods: Annotated[list[Literal["gdcn", "masknet", "dcnv2", "mlp"]], Field(min_length=1)] = [
+        "gdcn",
+        "masknet",
+    ]
+    module_width: PositiveInt = 256
+    instances_per_method: PositiveInt = 1
+    gdcn_layers: PositiveInt = 2
+    masknet_blocks: PositiveInt = 2
+    masknet_block_width: PositiveInt = 128
+    masknet_hidden: list[PositiveInt] = [256, 256]
+    dcn_layers: PositiveInt = 2
+    interaction_mlp_hidden: list[PositiveInt] = [256, 256]
+    gate_selector: Literal["input", "self"] = "input"
+    dependencies: dict[str, str] = {}
+    tsn_detach: bool = True
+    combine: Literal["concat", "sum"] = "concat"
+    tower_hidden: list[PositiveInt] = [128, 64]
+    mlp: MLPConfig = MLPConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DTNConfig":
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: {self.methods} repeats a method; use instances_per_method")
+        cycle = find_dependency_cycle(self.dependencies)
+        if cycle is not None:
+            raise ValueError(f"dependencies: cycle {' -> '.join(cycle)}")
+        return self
+
+
+# PLEConfig first: error messages list the allowed types in this order.
 ModelConfig = Annotated[
-    Union[PLEConfig, CGCConfig, MMoEConfig, SharedBottomConfig, SingleTaskConfig],
+    Union[PLEConfig, CGCConfig, MMoEConfig, SharedBottomConfig, SingleTaskConfig, DTNConfig],
     Field(discriminator="type"),
 ]

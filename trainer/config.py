@@ -138,6 +138,11 @@ class ExperimentConfig(StrictModel):
             raise ValueError(
                 f"model.experts_per_task: {len(per_task)} counts given for {len(self.data.tasks)} tasks"
             )
+        names = [t.name for t in self.data.tasks]
+        for child, parent in (getattr(self.model, "dependencies", None) or {}).items():
+            for name in (child, parent):
+                if name not in names:
+                    raise ValueError(f"model.dependencies.{child}: unknown task {name!r}; tasks: {names}")
         return self
 
 

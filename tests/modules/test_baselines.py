@@ -176,7 +176,7 @@ MODELS = {
     "single_task": {"type": "single_task", "hidden": [16], "tower_hidden": [8], "mlp": {"norm": "layer"}},
     "cgc": {"type": "cgc", "experts_per_task": [1, 2], "shared_experts": 2},
 }
-ALL_TYPES = ["ple", "cgc", "mmoe", "shared_bottom", "single_task"]
+ALL_TYPES = ["ple", "cgc", "mmoe", "shared_bottom", "single_task", "dtn"]
 
 
 def _write(tmp_path: Path, model: dict) -> Path:
@@ -221,6 +221,8 @@ SMOKE_MODELS = {
     "mmoe": "{type: mmoe, num_experts: 3, expert_hidden: [16], tower_hidden: [8]}",
     "shared_bottom": "{type: shared_bottom, bottom_hidden: [16], tower_hidden: [8]}",
     "single_task": "{type: single_task, hidden: [16], tower_hidden: [8]}",
+    "dtn": "{type: dtn, module_width: 16, masknet_block_width: 8, masknet_hidden: [16], tower_hidden: [8],"
+    " dependencies: {conversion: click}}",
 }
 
 

@@ -1,0 +1,169 @@
+"""Feature-interaction (FI) modules for DTN: each maps ``x [B, in_features] -> [B, out_features]``.
+
+Methods (MODELS.md, DTN section), registered by name in :data:`INTERACTIONS`:
+
+- ``gdcn``: gated cross network, ``c_{l+1} = c_0 ⊙ (W_l c_l + b_l) ⊙ sigmoid(U_l c_l) + c_l``, then Linear.
+- ``masknet``: parallel MaskNet, b blocks of instance-guided masks, concatenated, then an MLP.
+- ``dcnv2``: DCN-v2 cross layers, ``x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l``, then Linear.
+- ``mlp``: a plain MLP, then Linear.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+import torch.nn as nn
+
+from modules.mlp import MLP
+
+
+def _to_width(in_features: int, out_features: int) -> nn.Module:
+    """Linear to ``out_features``, or the identity when the widths already match."""
+    return nn.Identity() if in_features == out_features else nn.Linear(in_features, out_features)
+
+
+class GDCN(nn.Module):
+    """Gated cross network (GDCN). The gate ``U_l`` has no bias, as in the formula.
+
+    Example::
+
+        gdcn = GDCN(16, 32, num_layers=2)
+        y = gdcn(torch.randn(4, 16))  # [4, 32]
+    """
+
+    def __init__(self, in_features: int, out_features: int = 256, num_layers: int = 2) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.out_features = out_features
+        self.cross = nn.ModuleList(nn.Linear(in_features, in_features) for _ in range(num_layers))
+        self.gates = nn.ModuleList(nn.Linear(in_features, in_features, bias=False) for _ in range(num_layers))
+        self.out = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x
+        for w, u in zip(self.cross, self.gates, strict=True):
+            c = x * w(c) * torch.sigmoid(u(c)) + c
+        return self.out(c)
+
+
+class DCNv2(nn.Module):
+    """DCN-v2 cross layers (full-rank W_l) then Linear(-> out_features).
+
+    Example::
+
+        y = DCNv2(16, 32, num_layers=2)(torch.randn(4, 16))  # [4, 32]
+    """
+
+    def __init__(self, in_features: int, out_features: int = 256, num_layers: int = 2) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.out_features = out_features
+        self.cross = nn.ModuleList(nn.Linear(in_features, in_features) for _ in range(num_layers))
+        self.out = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x
+        for w in self.cross:
+            c = x * w(c) + c
+        return self.out(c)
+
+
+class MaskBlock(nn.Module):
+    """One MaskNet block: ``mask = W2 ReLU(W1 x + c1) + c2``; ``h = ReLU(LayerNorm(W3 (x ⊙ mask)))``.
+
+    The mask's hidden layer (W1) has the width of x.
+    """
+
+    def __init__(self, in_features: int, block_width: int = 128) -> None:
+        super().__init__()
+        self.mask = nn.Sequential(
+            nn.Linear(in_features, in_features), nn.ReLU(), nn.Linear(in_features, in_features)
+        )
+        self.hidden = nn.Linear(in_features, block_width, bias=False)  # LayerNorm carries the bias
+        self.norm = nn.LayerNorm(block_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.hidden(x * self.mask(x))))
+
+
+class MaskNet(nn.Module):
+    """Parallel MaskNet: ``num_blocks`` :class:`MaskBlock` on x, concatenated, ``MLP(hidden)``, then
+    Linear(-> out_features) unless the MLP already ends at that width.
+
+    Example::
+
+        net = MaskNet(16, 32, num_blocks=2, block_width=8, hidden=[32, 32])
+        y = net(torch.randn(4, 16))  # [4, 32]
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 256,
+        num_blocks: int = 2,
+        block_width: int = 128,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        norm: str = "none",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.out_features = out_features
+        self.blocks = nn.ModuleList(MaskBlock(in_features, block_width) for _ in range(num_blocks))
+        self.mlp = MLP(num_blocks * block_width, hidden, activation=activation, norm=norm, dropout=dropout)
+        self.out = _to_width(self.mlp.out_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(torch.cat([b(x) for b in self.blocks], dim=-1)))
+
+
+class MLPInteraction(nn.Module):
+    """``MLP(hidden)`` then Linear(-> out_features) unless the MLP already ends at that width.
+
+    Example::
+
+        y = MLPInteraction(16, 32, hidden=[64])(torch.randn(4, 16))  # [4, 32]
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 256,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        norm: str = "none",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.mlp = MLP(in_features, hidden, activation=activation, norm=norm, dropout=dropout)
+        self.out = _to_width(self.mlp.out_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x))
+
+
+# name -> class(in_features, out_features, **method options); DTNConfig.methods lists the same names.
+INTERACTIONS: Dict[str, Callable[..., nn.Module]] = {
+    "gdcn": GDCN,
+    "masknet": MaskNet,
+    "dcnv2": DCNv2,
+    "mlp": MLPInteraction,
+}
+
+
+def build_interaction(name: str, in_features: int, out_features: int, **options: object) -> nn.Module:
+    """The FI module registered as ``name``; raises ``ValueError`` naming the known ones.
+
+    Example::
+
+        build_interaction("gdcn", 16, 32, num_layers=3)
+    """
+    if name not in INTERACTIONS:
+        raise ValueError(f"unknown interaction method {name!r}; known: {sorted(INTERACTIONS)}")
+    return INTERACTIONS[name](in_features, out_features, **options)

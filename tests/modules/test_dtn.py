@@ -1,0 +1,241 @@
+"""DTN: feature-interaction modules, gating networks, TSN dependencies, config and builder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modules.builders import build_network
+from modules.config import DTNConfig
+from modules.dtn import DTN, GatingNetwork, dependency_order
+from modules.interaction import GDCN, INTERACTIONS, MaskBlock, MaskNet, build_interaction
+from trainer.config import ConfigError, load_config
+
+TASKS = ["click", "conversion", "like"]
+IN, D = 6, 5
+
+
+def _dtn(tasks=TASKS, **kw):
+    torch.manual_seed(0)
+    options = {
+        "masknet": {"num_blocks": 2, "block_width": 3, "hidden": [4]},
+        "mlp": {"hidden": [4]},
+    }
+    args = {"methods": ["gdcn", "masknet"], "module_width": D, "tower_hidden": [4], "method_options": options}
+    return DTN(IN, tasks, **{**args, **kw})
+
+
+def test_gdcn_one_layer_matches_hand_computation():
+    torch.manual_seed(0)
+    gdcn = GDCN(3, 2, num_layers=1)
+    w = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 0.0], [0.5, 0.5, 0.5]])
+    b = torch.tensor([0.1, 0.2, -0.3])
+    u = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]])
+    with torch.no_grad():
+        gdcn.cross[0].weight.copy_(w)
+        gdcn.cross[0].bias.copy_(b)
+        gdcn.gates[0].weight.copy_(u)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+    c1 = x * (x @ w.T + b) * torch.sigmoid(x @ u.T) + x
+    torch.testing.assert_close(gdcn(x), gdcn.out(c1))
+    assert gdcn.gates[0].bias is None and gdcn(x).shape == (2, 2)
+    # one entry by hand: x_0 * (W_0 . x + b_0) * sigmoid(U_0 . x) + x_0 = 1 * (1 - 2 + 0.1) * sigmoid(2) + 1
+    assert c1[0, 0].item() == pytest.approx(-0.9 / (1 + math.exp(-2.0)) + 1)
+
+
+def test_masknet_block_and_module_shapes():
+    torch.manual_seed(0)
+    block = MaskBlock(6, block_width=4)
+    x = torch.randn(5, 6)
+    mask = block.mask(x)
+    assert mask.shape == (5, 6)  # the mask has the width of x
+    torch.testing.assert_close(block(x), torch.relu(block.norm(block.hidden(x * mask))))
+    assert block(x).shape == (5, 4) and (block(x) >= 0).all()
+    net = MaskNet(6, 7, num_blocks=3, block_width=4, hidden=[8, 8])
+    assert len(net.blocks) == 3 and net.mlp.in_features == 12 and net(x).shape == (5, 7)
+    assert isinstance(MaskNet(6, 8, block_width=4, hidden=[8]).out, torch.nn.Identity)  # already width d
+
+
+@pytest.mark.parametrize("name", sorted(INTERACTIONS))
+def test_every_interaction_maps_to_width_d(name):
+    assert build_interaction(name, 6, D)(torch.randn(3, 6)).shape == (3, D)
+    with pytest.raises(ValueError, match="unknown interaction method 'fm'; known: \\['dcnv2', 'gdcn'"):
+        build_interaction("fm", 6, D)
+
+
+def test_self_and_pool_see_the_right_groups():
+    dtn = _dtn(instances_per_method=2)
+    logits, trace = dtn.forward_with_gates(torch.randn(4, IN))
+    per_group = 4  # 2 methods x 2 instances
+    assert all(len(trace.groups[t]) == per_group for t in TASKS) and len(trace.shared) == per_group
+    for t in TASKS:
+        assert len(trace.self_inputs[t]) == per_group
+        assert all(a is b for a, b in zip(trace.self_inputs[t], trace.groups[t], strict=True))
+        expected = [o for other in TASKS if other != t for o in trace.groups[other]] + trace.shared
+        pool = trace.pool_inputs[t]
+        assert len(pool) == len(expected) == 3 * per_group
+        assert all(a is b for a, b in zip(pool, expected, strict=True))  # no TSN: unscaled, k's own absent
+        assert not any(p is o for p in pool for o in trace.groups[t])
+        assert dtn.self_sources[t] == [f"{t}/{m}.{i}" for m in ("gdcn", "masknet") for i in (0, 1)]
+        assert not any(s.startswith(f"{t}/") for s in dtn.pool_sources[t])
+        assert trace.self_weights[t].shape == (4, per_group) and trace.pool_weights[t].shape == (4, 12)
+    # no parameter is shared between groups
+    groups = [*dtn.task_groups.values(), dtn.shared_group]
+    owned = [{id(p) for p in g.parameters()} for g in groups]
+    assert sum(len(o) for o in owned) == len(set().union(*owned))
+
+
+def test_tsn_scales_the_parent_group_by_its_probability():
+    dtn = _dtn(dependencies={"conversion": "click"})
+    assert dtn.order == ["click", "conversion", "like"]
+    logits, trace = dtn.forward_with_gates(torch.randn(4, IN))
+    prob = torch.sigmoid(logits["click"]).unsqueeze(-1)
+    pool = trace.pool_inputs["conversion"]
+    n = len(trace.groups["click"])
+    for scaled, raw in zip(pool[:n], trace.groups["click"], strict=True):
+        torch.testing.assert_close(scaled, raw * prob)
+        assert not torch.allclose(scaled, raw)
+    assert all(a is b for a, b in zip(pool[n : 2 * n], trace.groups["like"], strict=True))  # not a parent
+    # the parent's own pool and other tasks are unscaled
+    assert all(a is b for a, b in zip(trace.pool_inputs["like"][:n], trace.groups["click"], strict=True))
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_tsn_detach_controls_gradient_into_the_parent_tower(detach):
+    dtn = _dtn(["click", "conversion"], dependencies={"conversion": "click"}, tsn_detach=detach)
+    dtn(torch.randn(8, IN))["conversion"].sum().backward()
+    grads = [p.grad for p in dtn.towers["click"].parameters()]
+    if detach:
+        assert all(g is None for g in grads)
+    else:
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is not None for p in dtn.towers["conversion"].parameters())
+
+
+def test_dependency_order_and_errors():
+    assert dependency_order(["c", "b", "a"], {"c": "b", "b": "a"}) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="cycle a -> b -> a"):
+        _dtn(["a", "b"], dependencies={"a": "b", "b": "a"})
+    with pytest.raises(ValueError, match="cycle a -> a"):
+        _dtn(["a", "b"], dependencies={"a": "a"})
+    with pytest.raises(ValueError, match="parent 'view' of 'conversion' is not a task; tasks: \\['click'"):
+        _dtn(["click", "conversion"], dependencies={"conversion": "view"})
+    with pytest.raises(ValueError, match="task 'buy' of 'buy' is not a task"):
+        build_network(DTNConfig(type="dtn", dependencies={"buy": "click"}), IN, ["click", "conversion"])
+
+
+@pytest.mark.parametrize("combine, width", [("concat", 2 * D), ("sum", D)])
+def test_combine_sets_the_tower_width(combine, width):
+    dtn = _dtn(combine=combine)
+    seen = {}
+    for t in TASKS:
+        dtn.towers[t].register_forward_hook(lambda m, a, o, t=t: seen.__setitem__(t, a[0]))
+    _, trace = dtn.forward_with_gates(torch.randn(3, IN))
+    assert all(dtn.towers[t].mlp.in_features == width and seen[t].shape == (3, width) for t in TASKS)
+
+
+@pytest.mark.parametrize("selector", ["input", "self"])
+def test_gate_selectors(selector):
+    dtn = _dtn(gate_selector=selector)
+    gate = dtn.self_gates["click"]
+    assert (gate.gate is not None) == (selector == "input") and (gate.score is not None) == (
+        selector == "self"
+    )
+    _, trace = dtn.forward_with_gates(torch.randn(7, IN))
+    for w in [*trace.self_weights.values(), *trace.pool_weights.values()]:
+        torch.testing.assert_close(w.sum(1), torch.ones(7))
+    # self selector: softmax over ReLU(Linear(candidate)) with one scorer per GN
+    gn = GatingNetwork(IN, 3, D, selector="self")
+    cands = [torch.randn(7, D) for _ in range(3)]
+    mixed, w = gn(torch.randn(7, IN), cands)
+    scores = torch.stack([torch.relu(gn.score(c)).squeeze(-1) for c in cands], 1)
+    torch.testing.assert_close(w, torch.softmax(scores, 1))
+    torch.testing.assert_close(mixed, sum(w[:, i : i + 1] * c for i, c in enumerate(cands)))
+
+
+@pytest.mark.parametrize("selector", ["input", "self"])
+@pytest.mark.parametrize("methods", [["gdcn", "masknet"], ["dcnv2", "mlp"]])
+def test_gradients_reach_every_parameter(selector, methods):
+    dtn = _dtn(gate_selector=selector, methods=methods, dependencies={"conversion": "click"})
+    sum(v.sum() for v in dtn(torch.randn(32, IN)).values()).backward()
+    for name, p in dtn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_fx_traceable():
+    dtn = _dtn(dependencies={"conversion": "click"}, gate_selector="self").eval()
+    x = torch.randn(3, IN)
+    traced = torch.fx.symbolic_trace(dtn)
+    for t in TASKS:
+        torch.testing.assert_close(traced(x)[t], dtn(x)[t])
+
+
+BASE = {
+    "run_dir": "runs/t",
+    "data": {
+        "train": "train/*.parquet",
+        "eval": ["eval"],
+        "tables": [{"name": "user", "num_embeddings": 100, "embedding_dim": 8}],
+        "sparse_features": [{"name": "user_id", "table": "user"}],
+        "dense_features": ["price"],
+        "tasks": [{"name": "click", "label": "click"}, {"name": "conversion", "label": "conversion"}],
+    },
+}
+MODEL = {
+    "type": "dtn",
+    "methods": ["gdcn", "masknet", "dcnv2"],
+    "module_width": 8,
+    "masknet_block_width": 4,
+    "masknet_hidden": [8],
+    "gate_selector": "self",
+    "dependencies": {"conversion": "click"},
+    "combine": "sum",
+    "tower_hidden": [4],
+}
+
+
+def _write(tmp_path: Path, model: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": model}))
+    return path
+
+
+def test_config_parses_and_builds(tmp_path: Path):
+    config = load_config(_write(tmp_path, MODEL))
+    assert config.model.model_dump(include=set(MODEL)) == MODEL
+    assert config.model.tsn_detach and config.model.instances_per_method == 1
+    net = build_network(config.model, in_features=10, task_names=["click", "conversion"])
+    assert isinstance(net, DTN) and net.dependencies == {"conversion": "click"} and net.combine == "sum"
+    assert [type(m).__name__ for m in net.shared_group] == ["GDCN", "MaskNet", "DCNv2"]
+    assert net.towers["click"].mlp.in_features == 8
+    out = net(torch.randn(2, 10))
+    assert set(out) == {"click", "conversion"} and out["click"].shape == (2,)
+    defaults = DTNConfig(type="dtn")
+    assert defaults.methods == ["gdcn", "masknet"] and defaults.module_width == 256
+    assert defaults.combine == "concat" and defaults.gate_selector == "input" and defaults.dependencies == {}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"methods": ["gdcn", "memonet"]},
+            "model.dtn.methods.1: Input should be 'gdcn', 'masknet', 'dcnv2' or 'mlp'",
+        ),
+        (
+            {"dependencies": {"click": "conversion", "conversion": "click"}},
+            "cycle click -> conversion -> click",
+        ),
+        ({"dependencies": {"click": "click"}}, "cycle click -> click"),
+        ({"dependencies": {"conversion": "view"}}, "unknown task 'view'; tasks: \\['click', 'conversion'\\]"),
+        ({"methods": ["gdcn", "gdcn"]}, "repeats a method"),
+        ({"gate_selector": "x"}, "model.dtn.gate_selector"),
+    ],
+)
+def test_config_errors(tmp_path: Path, change: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, {**MODEL, **change}))
