@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from config_utils import write_config
 from dist_utils import run_on_ranks
 
 from modules.builders import NETWORK_BUILDERS, build_network
@@ -158,18 +158,6 @@ def test_build_network_builds_each_type(config, cls):
         assert len(net.levels) == 1 and net.levels[0].shared_gate is None and net.experts_per_task == [2, 1]
 
 
-# Minimal experiment config, as in tests/trainer/test_config.py.
-BASE = {
-    "run_dir": "runs/t",
-    "data": {
-        "train": "train/*.parquet",
-        "eval": ["eval"],
-        "tables": [{"name": "user", "num_embeddings": 100, "embedding_dim": 8}],
-        "sparse_features": [{"name": "user_id", "table": "user"}],
-        "dense_features": ["price"],
-        "tasks": [{"name": "click", "label": "click"}, {"name": "conversion", "label": "conversion"}],
-    },
-}
 MODELS = {
     "mmoe": {"type": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
     "shared_bottom": {"type": "shared_bottom", "bottom_hidden": [32, 16], "tower_hidden": [8]},
@@ -179,31 +167,25 @@ MODELS = {
 ALL_TYPES = ["ple", "cgc", "mmoe", "shared_bottom", "single_task", "dtn"]
 
 
-def _write(tmp_path: Path, model: dict) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "model": model}))
-    return path
-
-
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_every_type_parses_through_load_config(tmp_path: Path, kind: str):
-    config = load_config(_write(tmp_path, MODELS[kind]))
+    config = load_config(write_config(tmp_path, MODELS[kind]))
     expected = {k: v for k, v in MODELS[kind].items() if k != "mlp"}
     assert config.model.model_dump(include=set(expected)) == expected
     assert set(NETWORK_BUILDERS) == set(ALL_TYPES)
     # keys of other model types are rejected
     with pytest.raises(ConfigError, match="model.[a-z_]+.num_levels: unknown key"):
-        load_config(_write(tmp_path, {**MODELS[kind], "num_levels": 2}))
+        load_config(write_config(tmp_path, {**MODELS[kind], "num_levels": 2}))
 
 
 def test_cgc_experts_per_task_is_checked_against_the_tasks(tmp_path: Path):
     with pytest.raises(ConfigError, match="3 counts given for 2 tasks"):
-        load_config(_write(tmp_path, {"type": "cgc", "experts_per_task": [1, 2, 3]}))
+        load_config(write_config(tmp_path, {"type": "cgc", "experts_per_task": [1, 2, 3]}))
 
 
 def test_unknown_type_lists_every_allowed_type(tmp_path: Path):
     with pytest.raises(ConfigError) as err:
-        load_config(_write(tmp_path, {"type": "transformer"}))
+        load_config(write_config(tmp_path, {"type": "transformer"}))
     message = str(err.value)
     assert "model: unknown type 'transformer'; allowed:" in message
     assert all(f"'{t}'" in message for t in ALL_TYPES)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from config_utils import write_config
 
 from modules.builders import build_network
 from modules.config import DTNConfig
@@ -174,17 +174,6 @@ def test_fx_traceable():
         torch.testing.assert_close(traced(x)[t], dtn(x)[t])
 
 
-BASE = {
-    "run_dir": "runs/t",
-    "data": {
-        "train": "train/*.parquet",
-        "eval": ["eval"],
-        "tables": [{"name": "user", "num_embeddings": 100, "embedding_dim": 8}],
-        "sparse_features": [{"name": "user_id", "table": "user"}],
-        "dense_features": ["price"],
-        "tasks": [{"name": "click", "label": "click"}, {"name": "conversion", "label": "conversion"}],
-    },
-}
 MODEL = {
     "type": "dtn",
     "methods": ["gdcn", "masknet", "dcnv2"],
@@ -198,14 +187,8 @@ MODEL = {
 }
 
 
-def _write(tmp_path: Path, model: dict) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "model": model}))
-    return path
-
-
 def test_config_parses_and_builds(tmp_path: Path):
-    config = load_config(_write(tmp_path, MODEL))
+    config = load_config(write_config(tmp_path, MODEL))
     assert config.model.model_dump(include=set(MODEL)) == MODEL
     assert config.model.tsn_detach and config.model.instances_per_method == 1
     net = build_network(config.model, in_features=10, task_names=["click", "conversion"])
@@ -238,4 +221,4 @@ def test_config_parses_and_builds(tmp_path: Path):
 )
 def test_config_errors(tmp_path: Path, change: dict, message: str):
     with pytest.raises(ConfigError, match=message):
-        load_config(_write(tmp_path, {**MODEL, **change}))
+        load_config(write_config(tmp_path, {**MODEL, **change}))
