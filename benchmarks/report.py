@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+RESULTS_MD = BENCHMARKS_MD.with_name("RESULTS.md")  # model quality (benchmarks.quality)
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
@@ -36,15 +37,15 @@ def command_line() -> str:
     return " ".join(["python", "-m", module, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) section ``name`` of docs/BENCHMARKS.md and print it."""
+def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) section ``name`` of ``path`` (docs/BENCHMARKS.md) and print it."""
     section = (
         f"<!-- {name}:start -->\n## {title}\n\nCommand: `{command_line()}`  \n"
         f"Machine: {machine()}\n\n{body}\n<!-- {name}:end -->"
     )
     print(section)
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    text = path.read_text() if path.exists() else f"# {path.stem.capitalize()}\n"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}\n"
-    BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
-    BENCHMARKS_MD.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -14,6 +14,9 @@ Example::
       tasks:
         - {name: click, label: click}
         - {name: conversion, label: conversion, sample_space: click}
+      cross:                        # optional: hashed pair crosses for DTN's memonet method
+        table: cross_codebook       # a table of `tables`, e.g. {num_embeddings: 100000, embedding_dim: 64}
+        fields: [user_id, item_id, city]
 """
 
 from __future__ import annotations
@@ -69,6 +72,33 @@ class TaskConfig(StrictModel):
     sample_space: str | None = None
 
 
+class CrossConfig(StrictModel):
+    """MemoNet-style hashed crosses: for every pair ``(a, b)`` of ``fields`` (in the listed order,
+    a before b) and each of ``num_hashes`` independent hash functions k, the loader computes one id
+    per row, ``hash_pairs(raw id of a, raw id of b, num_embeddings, k)`` (``data.hashing``), and
+    feeds it as the single-id feature ``cross_feature_name(a, b, k)`` to ``table``: the codebook,
+    an embedding table like any other (the planner places it). Fields must be single-hot; raw ids
+    are the Parquet values, before any ``id_mode: hash`` mapping.
+    """
+
+    table: str
+    fields: Annotated[list[str], Field(min_length=2)]
+    num_hashes: Annotated[int, Field(gt=0)] = 2
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(a, b) for i, a in enumerate(self.fields) for b in self.fields[i + 1 :]]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Pair-major, hash-minor: the order the codebook's pooled vectors reach the model."""
+        return [cross_feature_name(a, b, k) for a, b in self.pairs for k in range(self.num_hashes)]
+
+
+def cross_feature_name(first: str, second: str, function: int) -> str:
+    return f"{first}_x_{second}_h{function}"
+
+
 PathList = Annotated[list[str], Field(min_length=1)]
 
 
@@ -79,6 +109,7 @@ class DataConfig(StrictModel):
     sparse_features: Annotated[list[SparseFeatureConfig], Field(min_length=1)]
     dense_features: list[str] = []
     tasks: Annotated[list[TaskConfig], Field(min_length=1)]
+    cross: CrossConfig | None = None
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -98,6 +129,9 @@ class DataConfig(StrictModel):
                     f"for feature {feature.name!r}; declared tables: {sorted(tables)}"
                 )
         used = {f.table for f in self.sparse_features}
+        if self.cross is not None:
+            self._check_cross(self.cross, tables)
+            used.add(self.cross.table)
         for i, table in enumerate(self.tables):
             if table.name not in used:
                 raise ValueError(
@@ -115,8 +149,48 @@ class DataConfig(StrictModel):
                 )
         return self
 
+    def _check_cross(self, cross: CrossConfig, tables: set[str]) -> None:
+        features = {f.name: f for f in self.sparse_features}
+        if cross.table not in tables:
+            raise ValueError(
+                f"data.cross.table: unknown table {cross.table!r}; declared tables: {sorted(tables)}"
+            )
+        readers = [f.name for f in self.sparse_features if f.table == cross.table]
+        if readers:
+            raise ValueError(
+                f"data.cross.table: {cross.table!r} is the cross codebook; sparse features {readers} "
+                "must use another table"
+            )
+        _require_unique("data.cross.fields", cross.fields)
+        for i, name in enumerate(cross.fields):
+            if name not in features:
+                raise ValueError(
+                    f"data.cross.fields[{i}]: {name!r} is not a sparse feature; "
+                    f"sparse features: {sorted(features)}"
+                )
+            if features[name].multi_hot:
+                raise ValueError(
+                    f"data.cross.fields[{i}]: {name!r} is multi-hot; a cross field must be single-valued "
+                    "(one id per row)"
+                )
+        clash = sorted(set(cross.feature_names) & set(features))
+        if clash:
+            raise ValueError(f"data.cross: generated cross features {clash} clash with sparse feature names")
+
     def table(self, name: str) -> TableConfig:
         return next(t for t in self.tables if t.name == name)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Keys of the loader's KeyedJaggedTensor: the sparse features, then the cross features."""
+        names = [f.name for f in self.sparse_features]
+        return names + (self.cross.feature_names if self.cross is not None else [])
+
+    def table_features(self, table: str) -> list[str]:
+        """The features (sparse and cross) that look up ``table``, in KJT order."""
+        if self.cross is not None and table == self.cross.table:
+            return list(self.cross.feature_names)
+        return [f.name for f in self.sparse_features if f.table == table]
 
     @property
     def label_columns(self) -> list[str]:

@@ -37,6 +37,23 @@ def hash_ids(ids: np.ndarray, num_embeddings: int) -> np.ndarray:
     return (mix64(ids) % np.uint64(num_embeddings)).astype(np.int64)
 
 
+def hash_pairs(first: np.ndarray, second: np.ndarray, num_buckets: int, function: int) -> np.ndarray:
+    """Bucket in ``[0, num_buckets)`` of each id pair ``(first[i], second[i])`` under hash function
+    number ``function`` (different numbers give independent functions); returns int64.
+
+    Order matters: ``(a, b)`` and ``(b, a)`` are different pairs.
+
+    Example::
+
+        hash_pairs(np.array([3, 3]), np.array([5, 6]), 100_000, function=0)  # two buckets
+    """
+    salt = mix64(np.array([function], np.int64))[0]
+    with np.errstate(over="ignore"):
+        inner = mix64(np.asarray(first, np.int64)) ^ salt
+        mixed = mix64(inner ^ np.asarray(second, np.int64).view(np.uint64))
+    return (mixed % np.uint64(num_buckets)).astype(np.int64)
+
+
 def unit_uniform(x: np.ndarray) -> np.ndarray:
     """The top 53 bits of ``mix64(x)`` as float64 in ``[0, 1)``."""
     return (mix64(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

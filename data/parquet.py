@@ -34,6 +34,12 @@ Memory: only the configured columns are read, one row group at a time in slices 
 so a worker holds a few batches plus one row group's column chunks, whatever the data size. The
 dataset object holds only file names and row-group sizes.
 
+Cross features (``data.cross``): computed per slice from the raw ids of the cross fields with
+``hash_pairs`` (vectorised, no per-row Python) and appended after the sparse features, one id per
+real row. ``permute_feature`` (permutation importance): that feature's bags are permuted among the
+rows of each read slice (at least ``max(B, 1024)`` rows), before the crosses are computed, so a
+permuted field's crosses change with it; the permutation is seeded by the slice's position.
+
 Validation: column presence and types are checked from the footers when the dataset is built
 (``inspect_files``); values while reading. Ids must be non-null (single-hot values, lists and
 list elements), and inside the table for ``id_mode: check``; labels exactly 0 or 1; dense values
@@ -44,6 +50,7 @@ group, column, row within the file, the value and what was expected.
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -55,7 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batch import Batch, PackedBatch
 from data.config import DataConfig, SparseFeatureConfig
-from data.hashing import hash_ids
+from data.hashing import hash_ids, hash_pairs
 
 # Arrow record batches are read in slices of at least this many rows: small batch sizes then
 # still convert in vectorised blocks. Memory stays O(max(B, _MIN_READ_ROWS)) rows per slice.
@@ -194,15 +201,18 @@ class _Rows:
         return _Rows(values, lengths, self.dense[start:stop], self.labels[:, start:stop])
 
     def take(self, index: np.ndarray) -> "_Rows":
-        values = []
-        for v, n in zip(self.values, self.lengths, strict=True):
-            starts = (np.cumsum(n, dtype=np.int64) - n)[index]
-            new_lengths = n[index].astype(np.int64)
-            # Element k of the output belongs to output row r: source position starts[r] + (k - first[r]).
-            first = np.cumsum(new_lengths) - new_lengths
-            gather = np.arange(int(new_lengths.sum())) + np.repeat(starts - first, new_lengths)
-            values.append(v[gather])
+        values = [_take_bags(v, n, index) for v, n in zip(self.values, self.lengths, strict=True)]
         return _Rows(values, [n[index] for n in self.lengths], self.dense[index], self.labels[:, index])
+
+
+def _take_bags(values: np.ndarray, lengths: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The flat ids of the bags (rows) ``index`` of a jagged feature, in that order."""
+    starts = (np.cumsum(lengths, dtype=np.int64) - lengths)[index]
+    new_lengths = lengths[index].astype(np.int64)
+    # Element k of the output belongs to output row r: source position starts[r] + (k - first[r]).
+    first = np.cumsum(new_lengths) - new_lengths
+    gather = np.arange(int(new_lengths.sum())) + np.repeat(starts - first, new_lengths)
+    return values[gather]
 
 
 def _ids(
@@ -369,6 +379,7 @@ class ParquetDataset(IterableDataset[Batch]):
         seed: int = 0,
         shuffle_row_groups: bool = False,
         labels: bool = True,
+        permute_feature: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -395,6 +406,12 @@ class ParquetDataset(IterableDataset[Batch]):
         self._label_columns = list(dict.fromkeys(data.label_columns)) if labels else []
         self._columns = list(dict.fromkeys(c for c, _ in _column_roles(data, labels)))
         self._table_size = {t.name: t.num_embeddings for t in data.tables}
+        names = [f.name for f in data.sparse_features]
+        if permute_feature is not None and permute_feature not in names:
+            raise ValueError(
+                f"permute_feature: {permute_feature!r} is not a sparse feature; features: {names}"
+            )
+        self.permute_feature = permute_feature
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's row-group order and shuffle; call before iterating.
@@ -446,7 +463,7 @@ class ParquetDataset(IterableDataset[Batch]):
         # Decoding threads only in the main process: workers already are the parallelism.
         chunks = self._read(lo, hi, use_threads=info is None)
         empty = _Rows.empty(
-            len(self.data.sparse_features), len(self.data.dense_features), len(self._label_columns)
+            len(self.data.feature_names), len(self.data.dense_features), len(self._label_columns)
         )
         pieces = _rebatch(chunks, counts[read_from:], empty)
         if rng is not None:
@@ -508,10 +525,28 @@ class ParquetDataset(IterableDataset[Batch]):
 
     def _convert(self, rb: pa.RecordBatch, where: _Where) -> _Rows:
         values, lengths = [], []
+        cross = self.data.cross
+        raw: dict[str, np.ndarray] = {}  # raw ids of the cross fields
         for feature in self.data.sparse_features:
             flat, feature_lengths, offsets = _ids(rb.column(feature.name), feature, where)
-            values.append(_map_ids(flat, offsets, feature, self._table_size[feature.table], where))
+            ids = _map_ids(flat, offsets, feature, self._table_size[feature.table], where)
+            if cross is not None and feature.name in cross.fields:
+                raw[feature.name] = flat.cast(pa.int64(), safe=False).to_numpy()
+            if feature.name == self.permute_feature:
+                # Seeded by the slice's position, so every pass permutes the same way.
+                path_key = zlib.crc32(where.path.encode())
+                perm = _rng(self.seed, self.epoch, path_key, where.first_row).permutation(rb.num_rows)
+                ids, feature_lengths = _take_bags(ids, feature_lengths, perm), feature_lengths[perm]
+                if feature.name in raw:
+                    raw[feature.name] = raw[feature.name][perm]
+            values.append(ids)
             lengths.append(feature_lengths)
+        if cross is not None:
+            size = self._table_size[cross.table]
+            for a, b in cross.pairs:
+                for k in range(cross.num_hashes):
+                    values.append(hash_pairs(raw[a], raw[b], size, k))
+                    lengths.append(np.ones(rb.num_rows, np.int32))
         if self.data.dense_features:
             dense = np.stack([_dense(rb.column(c), c, where) for c in self.data.dense_features], axis=1)
         else:
@@ -540,7 +575,7 @@ class ParquetDataset(IterableDataset[Batch]):
             dense,
             labels,
             weights,
-            keys=tuple(f.name for f in self.data.sparse_features),
+            keys=tuple(self.data.feature_names),
             tasks=tuple(t.name for t in self.data.tasks),
         )
 

@@ -507,6 +507,142 @@ def _predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------- evaluate and importance
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, batch_default: str) -> None:
+    parser.add_argument(
+        "--run", required=True, metavar="DIR", help="run directory (config.yaml, checkpoints/)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, metavar="N", help="checkpoint step (None: the latest)"
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=_positive_int,
+        default=None,
+        metavar="B",
+        help=f"rows per batch (None: {batch_default})",
+    )
+
+
+@command("evaluate")
+def _build_evaluate(subparsers) -> None:
+    parser = _add_parser(
+        subparsers,
+        "evaluate",
+        help="metrics of a saved checkpoint on labelled Parquet files, without training",
+        description=(
+            "Load checkpoint STEP (default: the latest) of run DIR into the unsharded model on CPU\n"
+            "(one process, whatever world size trained it) and evaluate it on the --data files as\n"
+            "the trainer does: per task auc, ne, logloss, examples, positives. Prints JSON with the\n"
+            "step and epoch of the checkpoint, and writes it to --out. For a final report on test\n"
+            "data, pick the step on validation (RUN_DIR/metrics.jsonl) and evaluate test once.\n\n"
+            "example:\n"
+            "  towerrec evaluate --run runs/census --data runs/census/test --out runs/census/test.json\n"
+            "  towerrec evaluate --run runs/demo --step 400 --data 'runs/demo-data/eval/*.parquet'"
+        ),
+    )
+    _add_run_arguments(parser, "importance.batch_size, else training.batch_size")
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="GLOB",
+        help="labelled Parquet files, directories or globs",
+    )
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON here")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _run_errors(fn: Callable[[], int]) -> int:
+    """Exit codes of the saved-run commands: 2 for bad arguments, 1 for a checkpoint or data error."""
+    _quiet_torch_logs()
+    from data.parquet import DataError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+
+    try:
+        return fn()
+    except (CheckpointError, DataError) as e:  # DataError is a ValueError: first
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (FileNotFoundError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    def run() -> int:
+        import json
+
+        from data.config import resolve_paths
+        from trainer.evaluate import RunEvaluator, evaluation_report
+
+        files = resolve_paths(args.data, "--data")
+        evaluator = RunEvaluator(args.run, args.step, args.batch_size)
+        report = evaluation_report(evaluator, files, evaluator.evaluate(files))
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return EXIT_OK
+
+    return _run_errors(run)
+
+
+@command("importance")
+def _build_importance(subparsers) -> None:
+    parser = _add_parser(
+        subparsers,
+        "importance",
+        help="permutation feature importance per task of a saved checkpoint, and its divergence",
+        description=(
+            "For every sparse field (or --fields), evaluate checkpoint STEP (default: the latest)\n"
+            "of run DIR with that field's values permuted among the rows, and report per task the\n"
+            "AUC drop against the unpermuted baseline, each task's ranking of the fields, the\n"
+            "Spearman correlation of those rankings for every task pair and the fields whose rank\n"
+            "differs most. Writes OUT/importance.json, importance.md and importance.png.\n"
+            "One process, unsharded, on CPU; `importance.enabled: true` in a config does the same\n"
+            "at the end of training with the sharded model.\n\n"
+            "example:\n"
+            "  towerrec importance --run runs/demo\n"
+            "  towerrec importance --run runs/census --data runs/census/valid --out runs/census/imp"
+        ),
+    )
+    _add_run_arguments(parser, "importance.batch_size, else training.batch_size")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        metavar="GLOB",
+        help="labelled Parquet (None: the run's data.eval)",
+    )
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="output directory (None: RUN_DIR/importance)"
+    )
+    parser.add_argument(
+        "--fields", default=None, metavar="F1,F2", help="comma-separated sparse fields (None: all)"
+    )
+    parser.set_defaults(handler=_importance)
+
+
+def _importance(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from trainer.importance import importance_from_run, importance_markdown
+
+        fields = [f for f in args.fields.split(",") if f] if args.fields else None
+        result, paths = importance_from_run(args.run, args.step, args.data, args.out, args.batch_size, fields)
+        print(importance_markdown(result))
+        for path in paths.values():
+            print(f"wrote {os.path.abspath(path)}")
+        return EXIT_OK
+
+    return _run_errors(run)
+
+
 # ------------------------------------------------------------------------------------------- plan
 
 

@@ -18,8 +18,10 @@ from modules.config import (
     PLEConfig,
     SharedBottomConfig,
     SingleTaskConfig,
+    reads_cross,
 )
 from modules.dtn import DTN
+from modules.interaction import CrossShape
 from modules.mmoe import MMoE
 from modules.ple import PLE
 from modules.shared_bottom import SharedBottom
@@ -104,8 +106,11 @@ def build_single_task(config: SingleTaskConfig, in_features: int, task_names: Se
     )
 
 
-def build_dtn(config: DTNConfig, in_features: int, task_names: Sequence[str]) -> DTN:
-    """DTN from its config; raises ``ValueError`` if ``dependencies`` names an unknown task.
+def build_dtn(
+    config: DTNConfig, in_features: int, task_names: Sequence[str], cross: Optional[CrossShape] = None
+) -> DTN:
+    """DTN from its config; raises ``ValueError`` if ``dependencies`` names an unknown task, or if
+    ``memonet`` is a method and ``cross`` (the codebook layout) is missing.
 
     Example::
 
@@ -136,6 +141,7 @@ def build_dtn(config: DTNConfig, in_features: int, task_names: Sequence[str]) ->
         combine=config.combine,
         tower_hidden=list(config.tower_hidden),
         **mlp_kw,
+        cross=cross,
     )
 
 
@@ -150,8 +156,11 @@ NETWORK_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_network(config: ModelConfig, in_features: int, task_names: List[str]) -> nn.Module:
-    """The dense multi-task network for ``config.type``: ``[B, in_features] -> {task: logit [B]}``.
+def build_network(
+    config: ModelConfig, in_features: int, task_names: List[str], cross: Optional[CrossShape] = None
+) -> nn.Module:
+    """The dense multi-task network for ``config.type``: ``[B, in_features] -> {task: logit [B]}``
+    (networks that :func:`reads_cross` also take the codebook vectors, laid out as ``cross``).
 
     Example::
 
@@ -160,7 +169,14 @@ def build_network(config: ModelConfig, in_features: int, task_names: List[str]) 
     builder = NETWORK_BUILDERS.get(config.type)
     if builder is None:
         raise ValueError(f"unknown model.type {config.type!r}; known: {sorted(NETWORK_BUILDERS)}")
-    return builder(config, in_features, task_names)
+    if reads_cross(config) != (cross is not None):
+        raise ValueError(
+            "the cross codebook (data.cross) is read only by model.type dtn with the memonet method: "
+            + ("set data.cross" if cross is None else f"remove data.cross for model.type {config.type!r}")
+        )
+    return builder(config, in_features, task_names, cross=cross) if cross is not None else builder(
+        config, in_features, task_names
+    )
 
 
 def build_embedding_collection(

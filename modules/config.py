@@ -19,7 +19,7 @@ Example::
 
     model:
       type: dtn
-      methods: [gdcn, masknet]
+      methods: [gdcn, masknet, memonet]   # memonet needs data.cross
       module_width: 256
       gate_selector: input          # or self (the authors' code)
       dependencies: {conversion: click}
@@ -128,15 +128,17 @@ def find_dependency_cycle(dependencies: Mapping[str, str]) -> Optional[list[str]
 class DTNConfig(_ModelSection):
     """DTN (Bi et al. 2024): task-specific + shared groups of feature-interaction modules, TSN.
 
-    ``methods``: FI methods in every group (``gdcn``, ``masknet``, ``dcnv2``, ``mlp``), each
-    ``instances_per_method`` times. ``dependencies``: task -> parent task (TSN); cycles are rejected
-    here, unknown task names by the experiment config (which knows the tasks) and by the module.
+    ``methods``: FI methods in every group (``gdcn``, ``masknet``, ``memonet``, ``dcnv2``, ``mlp``),
+    each ``instances_per_method`` times. ``memonet`` (the hashed cross codebook) needs ``data.cross``:
+    the codebook is a table of the sharded collection and the loader computes its ids.
+    ``dependencies``: task -> parent task (TSN); cycles are rejected here, unknown task names by the
+    experiment config (which knows the tasks) and by the module.
     ``gate_selector``: ``input`` (gate on x) or ``self`` (each module scored from its own output).
     ``combine``: tower input ``concat(S_pool, S_self)`` (width 2d) or ``S_pool + S_self`` (width d).
     """
 
     type: Literal["dtn"]
-    methods: Annotated[list[Literal["gdcn", "masknet", "dcnv2", "mlp"]], Field(min_length=1)] = [
+    methods: Annotated[list[Literal["gdcn", "masknet", "memonet", "dcnv2", "mlp"]], Field(min_length=1)] = [
         "gdcn",
         "masknet",
     ]
@@ -163,6 +165,11 @@ class DTNConfig(_ModelSection):
         if cycle is not None:
             raise ValueError(f"dependencies: cycle {' -> '.join(cycle)}")
         return self
+
+
+def reads_cross(config: BaseModel) -> bool:
+    """Whether the network takes the cross codebook's vectors (DTN with the ``memonet`` method)."""
+    return isinstance(config, DTNConfig) and "memonet" in config.methods
 
 
 # PLEConfig first: error messages list the allowed types in this order.

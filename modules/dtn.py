@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from modules.config import find_dependency_cycle
 from modules.gate import Gate
-from modules.interaction import build_interaction
+from modules.interaction import CrossShape, build_interaction
 from modules.tower import Tower, check_task_names
 
 
@@ -114,6 +114,8 @@ class DTN(nn.Module):
         combine (str): ``concat`` (tower width 2d) | ``sum`` (tower width d).
         tower_hidden (Sequence[int]): tower MLP widths.
         activation, norm, dropout: forwarded to the towers (and MLP-based FI modules via method_options).
+        cross (CrossShape, optional): layout of the cross codebook's vectors, needed by ``memonet``
+            modules, which then read ``forward(x, cross)``'s second input.
 
     Example::
 
@@ -139,6 +141,7 @@ class DTN(nn.Module):
         activation: str = "relu",
         norm: str = "none",
         dropout: float = 0.0,
+        cross: Optional[CrossShape] = None,
     ) -> None:
         super().__init__()
         self.task_names: List[str] = check_task_names(task_names)
@@ -153,6 +156,8 @@ class DTN(nn.Module):
         self.tsn_detach = tsn_detach
         self.combine = combine
         options = {m: dict((method_options or {}).get(m, {})) for m in methods}
+        if "memonet" in options:
+            options["memonet"]["cross"] = cross
         names = [f"{m}.{i}" for m in methods for i in range(instances_per_method)]
 
         def group() -> nn.ModuleList:
@@ -184,10 +189,12 @@ class DTN(nn.Module):
         mlp_kw = dict(activation=activation, norm=norm, dropout=dropout)
         self.towers = nn.ModuleDict({t: Tower(tower_in, tower_hidden, **mlp_kw) for t in self.task_names})
 
-    def forward_with_gates(self, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], DTNTrace]:
+    def forward_with_gates(
+        self, x: torch.Tensor, cross: Optional[torch.Tensor] = None
+    ) -> Tuple[Dict[str, torch.Tensor], DTNTrace]:
         """Logits as in :meth:`forward` plus a :class:`DTNTrace` of every gating network's inputs."""
-        groups = {t: [m(x) for m in self.task_groups[t]] for t in self.task_names}
-        shared = [m(x) for m in self.shared_group]
+        groups = {t: _run_group(self.task_groups[t], x, cross) for t in self.task_names}
+        shared = _run_group(self.shared_group, x, cross)
         logits: Dict[str, torch.Tensor] = {}
         self_inputs: Dict[str, List[torch.Tensor]] = {}
         pool_inputs: Dict[str, List[torch.Tensor]] = {}
@@ -215,6 +222,19 @@ class DTN(nn.Module):
         trace = DTNTrace(groups, shared, self_inputs, pool_inputs, self_weights, pool_weights)
         return ordered, trace
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``x [B, in_features] -> {task: logit [B]}``."""
-        return self.forward_with_gates(x)[0]
+    def forward(self, x: torch.Tensor, cross: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``x [B, in_features]`` (and the codebook vectors ``cross [B, CrossShape.width]`` for
+        ``memonet``) ``-> {task: logit [B]}``."""
+        return self.forward_with_gates(x, cross)[0]
+
+
+def _run_group(group: nn.ModuleList, x: torch.Tensor, cross: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    outputs = []
+    for module in group:
+        if getattr(module, "reads_cross", False):
+            if cross is None:
+                raise ValueError("a memonet module needs the cross codebook vectors; none were given")
+            outputs.append(module(x, cross))
+        else:
+            outputs.append(module(x))
+    return outputs

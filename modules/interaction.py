@@ -6,11 +6,13 @@ Methods (MODELS.md, DTN section), registered by name in :data:`INTERACTIONS`:
 - ``masknet``: parallel MaskNet, b blocks of instance-guided masks, concatenated, then an MLP.
 - ``dcnv2``: DCN-v2 cross layers, ``x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l``, then Linear.
 - ``mlp``: a plain MLP, then Linear.
+- ``memonet``: MemoNet-style hashed cross codebook; reads the codebook's pooled codewords besides x
+  (``forward(x, cross)``, marked by ``reads_cross = True``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -148,12 +150,63 @@ class MLPInteraction(nn.Module):
         return self.out(self.mlp(x))
 
 
+class CrossShape(NamedTuple):
+    """Layout of the codebook vectors: ``[B, num_pairs * num_hashes * dim]``, pair-major, hash-minor
+    (``data.config.CrossConfig.feature_names``)."""
+
+    num_pairs: int
+    num_hashes: int
+    dim: int
+
+    @property
+    def width(self) -> int:
+        return self.num_pairs * self.num_hashes * self.dim
+
+
+class HashedCrossCodebook(nn.Module):
+    """MemoNet-style cross module over codewords looked up in a shared, sharded codebook table.
+
+    Per field pair p: ``v_p = W_p concat(codeword_p,0, ..., codeword_p,H-1) + b_p`` (``H*E -> E``,
+    one projection per pair), then ``Linear(concat(x, v_1..v_P) -> out_features)``. The codebook itself
+    is an embedding table of the model's collection (the loader computes the hashed pair ids), so
+    the planner places it and every group's modules share it; each module has its own projections.
+
+    Example::
+
+        shape = CrossShape(num_pairs=3, num_hashes=2, dim=8)
+        module = HashedCrossCodebook(16, 32, cross=shape)
+        y = module(torch.randn(4, 16), torch.randn(4, shape.width))  # [4, 32]
+    """
+
+    reads_cross = True
+
+    def __init__(self, in_features: int, out_features: int = 256, cross: CrossShape | None = None) -> None:
+        super().__init__()
+        if cross is None:
+            raise ValueError("memonet needs the cross codebook: set data.cross (fields and codebook table)")
+        self.out_features = out_features
+        self.shape = cross
+        fan_in = cross.num_hashes * cross.dim
+        self.pair_weight = nn.Parameter(torch.empty(cross.num_pairs, fan_in, cross.dim))
+        self.pair_bias = nn.Parameter(torch.zeros(cross.num_pairs, cross.dim))
+        bound = fan_in**-0.5  # nn.Linear's default uniform range, per pair
+        nn.init.uniform_(self.pair_weight, -bound, bound)
+        self.out = nn.Linear(in_features + cross.num_pairs * cross.dim, out_features)
+
+    def forward(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        shape = self.shape
+        codewords = cross.view(-1, shape.num_pairs, shape.num_hashes * shape.dim)
+        pairs = torch.einsum("bpi,pio->bpo", codewords, self.pair_weight) + self.pair_bias
+        return self.out(torch.cat([x, pairs.flatten(1)], dim=-1))
+
+
 # name -> class(in_features, out_features, **method options); DTNConfig.methods lists the same names.
 INTERACTIONS: Dict[str, Callable[..., nn.Module]] = {
     "gdcn": GDCN,
     "masknet": MaskNet,
     "dcnv2": DCNv2,
     "mlp": MLPInteraction,
+    "memonet": HashedCrossCodebook,
 }
 
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Collection, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor, KeyedTensor
 
 
-def pooled_embedding_width(ebc: EmbeddingBagCollection) -> int:
-    """Width of ``ebc(kjt).values()``: Σ over tables of ``embedding_dim × #features``.
+def pooled_embedding_width(ebc: EmbeddingBagCollection, exclude: Collection[str] = ()) -> int:
+    """Width of ``ebc(kjt).values()`` without the features ``exclude``: Σ over features of their
+    table's ``embedding_dim``.
 
     Read from the configs, not by running the EBC, so it works on ``meta`` tensors.
     """
-    return sum(c.embedding_dim * len(c.feature_names) for c in ebc.embedding_bag_configs())
+    configs = ebc.embedding_bag_configs()
+    return sum(c.embedding_dim for c in configs for name in c.feature_names if name not in exclude)
 
 
 class MultiTaskModel(nn.Module):
@@ -27,11 +29,15 @@ class MultiTaskModel(nn.Module):
     order that depends on the plan, so they are regrouped by name (the network's input columns
     must not change when a checkpoint is resumed under another plan or exported unsharded).
 
+    Cross features (``cross_features``, the hashed pair ids of DTN's codebook) are kept out of x:
+    their pooled codewords go, in the given order, as a second input ``network(x, cross)``.
+
     Args:
         ebc (EmbeddingBagCollection): the (possibly ``meta``-device, later sharded) tables.
         num_dense (int): number of dense features D.
         network (nn.Module): maps ``[B, in_features]`` to ``{task: logit [B]}``; if it has an
             ``in_features`` attribute it must equal ``self.in_features``.
+        cross_features (Sequence[str]): features whose vectors form the network's ``cross`` input.
 
     Example::
 
@@ -42,15 +48,26 @@ class MultiTaskModel(nn.Module):
         logits = model(kjt, dense)   # {"click": [B]} (after DistributedModelParallel)
     """
 
-    def __init__(self, ebc: EmbeddingBagCollection, num_dense: int, network: nn.Module) -> None:
+    def __init__(
+        self,
+        ebc: EmbeddingBagCollection,
+        num_dense: int,
+        network: nn.Module,
+        cross_features: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         if num_dense < 0:
             raise ValueError(f"num_dense must be >= 0, got {num_dense}")
         self.ebc = ebc
         self.network = network
         self.num_dense = num_dense
-        self.in_features = pooled_embedding_width(ebc) + num_dense
-        self.pooled_order = [name for c in ebc.embedding_bag_configs() for name in c.feature_names]
+        self.cross_order: List[str] = list(cross_features)
+        all_features = [name for c in ebc.embedding_bag_configs() for name in c.feature_names]
+        unknown = sorted(set(self.cross_order) - set(all_features))
+        if unknown:
+            raise ValueError(f"cross_features {unknown} are not features of the embedding collection")
+        self.pooled_order = [name for name in all_features if name not in set(self.cross_order)]
+        self.in_features = pooled_embedding_width(ebc, exclude=self.cross_order) + num_dense
         expected = getattr(network, "in_features", None)
         if expected is not None and expected != self.in_features:
             raise ValueError(
@@ -61,6 +78,11 @@ class MultiTaskModel(nn.Module):
         """``sparse`` KJT keyed by feature, ``dense [B, D]`` -> ``{task: logit [B]}``."""
         # The EBC must read the `sparse` argument untouched: TorchRec's train pipeline
         # fx-traces this forward and only pipelines a sharded module fed straight from the batch.
-        pooled = KeyedTensor.regroup([self.ebc(sparse)], [self.pooled_order])[0]
-        x = torch.cat([pooled, dense], dim=1) if self.num_dense > 0 else pooled
-        return self.network(x)
+        if not self.cross_order:
+            pooled = KeyedTensor.regroup([self.ebc(sparse)], [self.pooled_order])[0]
+            return self.network(self._with_dense(pooled, dense))
+        pooled, cross = KeyedTensor.regroup([self.ebc(sparse)], [self.pooled_order, self.cross_order])
+        return self.network(self._with_dense(pooled, dense), cross)
+
+    def _with_dense(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pooled, dense], dim=1) if self.num_dense > 0 else pooled

@@ -24,8 +24,10 @@ MINIMAL_EXPERIMENT = {
 }
 
 
-def write_config(tmp_path: Path, model: dict) -> Path:
-    """``MINIMAL_EXPERIMENT`` with ``model`` as its model section, written to ``tmp_path/c.yaml``."""
+def write_config(tmp_path: Path, model: dict, data: dict | None = None) -> Path:
+    """``MINIMAL_EXPERIMENT`` with ``model`` as its model section (and the keys of ``data`` replacing
+    those of its data section), written to ``tmp_path/c.yaml``."""
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**MINIMAL_EXPERIMENT, "model": model}))
+    merged = {**MINIMAL_EXPERIMENT["data"], **(data or {})}
+    path.write_text(yaml.safe_dump({**MINIMAL_EXPERIMENT, "data": merged, "model": model}))
     return path

@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from data.config import DataConfig, StrictModel, resolve_paths
-from modules.config import ModelConfig
+from modules.config import ModelConfig, reads_cross
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -119,6 +119,19 @@ class CheckpointConfig(StrictModel):
         return self
 
 
+class ImportanceConfig(StrictModel):
+    """Permutation feature importance (``trainer.importance``).
+
+    ``enabled``: after the final evaluation, evaluate once more per sparse field with that field
+    permuted and write ``RUN_DIR/importance/`` (every rank takes part; the eval set's batches).
+    ``batch_size``: rows per batch of ``towerrec importance`` on a saved run (default: the
+    training batch size).
+    """
+
+    enabled: bool = False
+    batch_size: PositiveInt | None = None
+
+
 class ExperimentConfig(StrictModel):
     run_dir: str
     data: DataConfig
@@ -126,6 +139,7 @@ class ExperimentConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     sharding: ShardingConfig = ShardingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    importance: ImportanceConfig = ImportanceConfig()
 
     @model_validator(mode="after")
     def _constraints_name_tables(self) -> "ExperimentConfig":
@@ -137,6 +151,17 @@ class ExperimentConfig(StrictModel):
         if isinstance(per_task, list) and len(per_task) != len(self.data.tasks):
             raise ValueError(
                 f"model.experts_per_task: {len(per_task)} counts given for {len(self.data.tasks)} tasks"
+            )
+        uses_codebook = reads_cross(self.model)
+        if uses_codebook and self.data.cross is None:
+            raise ValueError(
+                "model.methods: memonet needs data.cross (the fields to cross and the codebook table)"
+            )
+        if self.data.cross is not None and not uses_codebook:
+            raise ValueError(
+                f"data.cross: the cross codebook is read only by model.type dtn with the memonet method; "
+                f"model.type is {self.model.type!r}"
+                + (" without memonet" if self.model.type == "dtn" else "")
             )
         names = [t.name for t in self.data.tasks]
         for child, parent in (getattr(self.model, "dependencies", None) or {}).items():
@@ -165,13 +190,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config PATH`` and repeatable ``--set KEY=VALUE`` (into ``args.overrides``): the same two
     arguments on every command that reads an experiment config."""
     parser.add_argument("--config", required=True, metavar="PATH", help="experiment YAML file")
+    add_override_argument(parser, "dotted config override, e.g. training.batch_size=4096 (repeatable)")
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """Repeatable ``--set KEY=VALUE`` into ``args.overrides`` (see :func:`apply_override`)."""
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted config override, e.g. training.batch_size=4096 (repeatable)",
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
     )
 
 

@@ -22,7 +22,9 @@ modules export.
 Forward: ``forward(values, lengths, dense) -> Dict[str, Tensor]``
 
 * ``lengths`` int32 (or int64) ``[F * B]``: feature-major, the F sparse features in
-  ``schema["data"]["sparse_features"]`` order, B rows each (1 per row for single-hot features).
+  ``schema["data"]["sparse_features"]`` order, B rows each (1 per row for single-hot features),
+  then, with ``schema["data"]["cross"]`` (DTN's codebook), one id per row for each cross feature
+  (``CrossConfig.feature_names`` order: ``data.hashing.hash_pairs`` of the raw ids).
 * ``values`` int64 ``[sum(lengths)]``: table rows, i.e. ids after the feature's ``id_mode``:
   ``check`` ids as they are (in ``[0, num_embeddings)``), ``hash`` ids through
   ``data.hashing.hash_ids`` (splitmix64 mod num_embeddings). Out-of-range rows read row 0.
@@ -148,6 +150,7 @@ class InferenceModel(nn.Module):
         feature_names: List[str],
         pooled_order: List[str],
         tasks: List[str],
+        cross_order: List[str],
     ) -> None:
         super().__init__()
         self.ebc = ebc
@@ -155,6 +158,7 @@ class InferenceModel(nn.Module):
         self.feature_names = feature_names  # the KJT keys, in input order
         self.pooled_order = pooled_order  # the training model's embedding column order
         self.tasks = tasks
+        self.cross_order = cross_order  # the codebook features, the network's second input
 
     def forward(
         self, values: torch.Tensor, lengths: torch.Tensor, dense: torch.Tensor
@@ -162,7 +166,10 @@ class InferenceModel(nn.Module):
         sparse = KeyedJaggedTensor(keys=self.feature_names, values=values, lengths=lengths)
         pooled = self.ebc(sparse).to_dict()
         x = torch.cat([pooled[f] for f in self.pooled_order] + [dense], dim=1)
-        logits = self.network(x)
+        if len(self.cross_order) > 0:
+            logits = self.network(x, torch.cat([pooled[f] for f in self.cross_order], dim=1))
+        else:
+            logits = self.network(x)
         return {t: torch.sigmoid(logits[t]) for t in self.tasks}
 
 
@@ -175,9 +182,10 @@ def build_inference_model(module: TrainModule, config: ExperimentConfig, quantiz
     model = InferenceModel(
         copy.deepcopy(ebc),
         copy.deepcopy(module.model.network),
-        [f.name for f in config.data.sparse_features],
-        [name for table in ebc.embedding_bag_configs() for name in table.feature_names],
+        config.data.feature_names,
+        module.model.pooled_order,
         [t.name for t in config.data.tasks],
+        module.model.cross_order,
     ).eval()
     model.requires_grad_(False)
     dtype = QUANTIZATIONS[quantize]

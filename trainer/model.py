@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from data.batch import Batch
 from data.config import DataConfig
 from modules.builders import build_embedding_collection, build_network
+from modules.interaction import CrossShape
 from modules.loss import MultiTaskLoss, TaskLossSpec
 from modules.multitask import MultiTaskModel, pooled_embedding_width
 from trainer.config import ExperimentConfig
@@ -71,14 +72,15 @@ class TrainModule(nn.Module):
 
 
 def embedding_bag_configs(data: DataConfig) -> list[EmbeddingBagConfig]:
-    """One TorchRec table config per configured table, listing the features that read it."""
+    """One TorchRec table config per configured table (the cross codebook too), listing the
+    features that read it."""
     pooling = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
     return [
         EmbeddingBagConfig(
             name=table.name,
             num_embeddings=table.num_embeddings,
             embedding_dim=table.embedding_dim,
-            feature_names=[f.name for f in data.sparse_features if f.table == table.name],
+            feature_names=data.table_features(table.name),
             pooling=pooling[table.pooling],
         )
         for table in data.tables
@@ -100,8 +102,20 @@ def loss_specs(data: DataConfig) -> list[TaskLossSpec]:
 
 def build_train_module(config: ExperimentConfig, device: torch.device) -> TrainModule:
     """Embedding tables on ``device`` (``meta`` until DistributedModelParallel shards them)."""
-    ebc = build_embedding_collection(embedding_bag_configs(config.data), device)
-    num_dense = len(config.data.dense_features)
-    task_names = [t.name for t in config.data.tasks]
-    network = build_network(config.model, pooled_embedding_width(ebc) + num_dense, task_names)
-    return TrainModule(MultiTaskModel(ebc, num_dense, network), MultiTaskLoss(loss_specs(config.data)))
+    data = config.data
+    ebc = build_embedding_collection(embedding_bag_configs(data), device)
+    num_dense = len(data.dense_features)
+    task_names = [t.name for t in data.tasks]
+    cross_features = data.cross.feature_names if data.cross is not None else []
+    in_features = pooled_embedding_width(ebc, exclude=cross_features) + num_dense
+    network = build_network(config.model, in_features, task_names, cross_shape(data))
+    model = MultiTaskModel(ebc, num_dense, network, cross_features)
+    return TrainModule(model, MultiTaskLoss(loss_specs(data)))
+
+
+def cross_shape(data: DataConfig) -> CrossShape | None:
+    """Layout of the codebook vectors the loader's cross features produce (None without ``data.cross``)."""
+    if data.cross is None:
+        return None
+    dim = data.table(data.cross.table).embedding_dim
+    return CrossShape(len(data.cross.pairs), data.cross.num_hashes, dim)

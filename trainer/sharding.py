@@ -53,7 +53,7 @@ def table_constraints(config: ExperimentConfig, compute_device: str) -> dict[str
                     f"CPU supports {list(CPU_SHARDING_TYPES)}"
                 )
             types = allowed
-        num_features = sum(1 for f in config.data.sparse_features if f.table == table.name)
+        num_features = len(config.data.table_features(table.name))
         pooling = wanted.pooling_factor if wanted and wanted.pooling_factor else 1.0
         kwargs: dict[str, Any] = {"sharding_types": types, "pooling_factors": [pooling] * num_features}
         if wanted and wanted.compute_kernels:

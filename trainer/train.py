@@ -32,6 +32,7 @@ from data.parquet import ParquetDataset, make_dataloader
 from trainer.checkpoint import CheckpointManager
 from trainer.config import DenseOptimizerConfig, ExperimentConfig, SparseOptimizerConfig, dump_config
 from trainer.distributed import DistEnv, lockstep
+from trainer.importance import ImportanceResult, permutation_importance, write_importance
 from trainer.metrics import TaskMetrics
 from trainer.model import StepOutput, TrainModule, build_train_module
 from trainer.sharding import plan_sharding, plan_to_dict, sharders
@@ -254,15 +255,24 @@ class Trainer:
         loader = make_dataloader(dataset, self.config.training.num_workers)
         return lockstep(iter(loader), self.env.cpu_group)
 
-    def evaluate(self, epoch: int) -> dict[str, dict[str, float]]:
-        """One full pass over the evaluation set; every rank takes part."""
+    def evaluate(
+        self, epoch: int, dataset: ParquetDataset | None = None, record: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """One full pass over ``dataset`` (default: the evaluation set); every rank takes part.
+
+        ``dataset`` must split the rows as ``eval_set`` does (the metrics' window is sized to it);
+        ``record``: write the result to metrics.jsonl and the log.
+        """
+        dataset = dataset if dataset is not None else self.eval_set
         self.model.eval()
         self.metrics.reset()
         with torch.no_grad():
-            for out in _run_phase(self.pipeline, self._batches(self.eval_set)):
+            for out in _run_phase(self.pipeline, self._batches(dataset)):
                 self.metrics.update(out.logits, out.labels, out.example_weights)
         self.model.train()
         result = self.metrics.compute()
+        if not record:
+            return result
         self.recorder.record("eval", self.step, epoch, result)
         if self.env.is_main:
             summary = "  ".join(
@@ -349,8 +359,35 @@ class Trainer:
             epoch, batch = epoch + 1, 0
         self.checkpoints.save_final(self.step, epoch, batch, final)
         self.recorder.write_json("eval_metrics.json", final)
+        if self.config.importance.enabled:
+            self.permutation_importance(final)
         self.recorder.close()
         return final
+
+    def permutation_importance(self, baseline: dict[str, dict[str, float]] | None = None) -> ImportanceResult:
+        """Permutation importance of every sparse field on the evaluation set with the sharded
+        model (``trainer.importance``); every rank takes part, rank 0 writes RUN_DIR/importance/.
+
+        ``baseline``: the final evaluation of this model on the eval set (None: evaluated here).
+        """
+        ev = self.eval_set
+
+        def evaluate(field: str | None) -> dict[str, dict[str, float]]:
+            if field is None:
+                return self.evaluate(0, record=False)
+            # The eval set's files, rank split, batch size and seed: only the permutation differs.
+            permuted = ParquetDataset(
+                ev.files, ev.data, ev.batch_size, ev.rank, ev.world_size, seed=ev.seed, permute_feature=field
+            )
+            return self.evaluate(0, permuted, record=False)
+
+        fields = [f.name for f in self.config.data.sparse_features]
+        source = {"run_dir": str(Path(self.config.run_dir).resolve()), "step": self.step, "data": ev.files}
+        result = permutation_importance(evaluate, fields, baseline, source)
+        if self.env.is_main:
+            paths = write_importance(result, Path(self.config.run_dir) / "importance")
+            logger.info("importance: wrote %s", ", ".join(str(p) for p in paths.values()))
+        return result
 
 
 def _close(batches: Iterator[Batch]) -> None:

@@ -12,7 +12,7 @@ from config_utils import write_config
 from modules.builders import build_network
 from modules.config import DTNConfig
 from modules.dtn import DTN, GatingNetwork, dependency_order
-from modules.interaction import GDCN, INTERACTIONS, MaskBlock, MaskNet, build_interaction
+from modules.interaction import GDCN, INTERACTIONS, CrossShape, MaskBlock, MaskNet, build_interaction
 from trainer.config import ConfigError, load_config
 
 TASKS = ["click", "conversion", "like"]
@@ -60,11 +60,42 @@ def test_masknet_block_and_module_shapes():
     assert isinstance(MaskNet(6, 8, block_width=4, hidden=[8]).out, torch.nn.Identity)  # already width d
 
 
-@pytest.mark.parametrize("name", sorted(INTERACTIONS))
+@pytest.mark.parametrize("name", sorted(set(INTERACTIONS) - {"memonet"}))
 def test_every_interaction_maps_to_width_d(name):
     assert build_interaction(name, 6, D)(torch.randn(3, 6)).shape == (3, D)
     with pytest.raises(ValueError, match="unknown interaction method 'fm'; known: \\['dcnv2', 'gdcn'"):
         build_interaction("fm", 6, D)
+
+
+def test_codebook_projects_each_pair_then_mixes_with_x():
+    torch.manual_seed(0)
+    shape = CrossShape(num_pairs=3, num_hashes=2, dim=4)
+    module = build_interaction("memonet", IN, D, cross=shape)
+    x, cross = torch.randn(5, IN), torch.randn(5, shape.width)
+    by_pair = cross.view(5, 3, 8)  # pair-major, hash-minor: [codeword h0 | codeword h1] per pair
+    pairs = [by_pair[:, p] @ module.pair_weight[p] + module.pair_bias[p] for p in range(3)]
+    torch.testing.assert_close(module(x, cross), module.out(torch.cat([x] + pairs, dim=-1)))
+    assert module.out.in_features == IN + 3 * 4 and module(x, cross).shape == (5, D)
+    with pytest.raises(ValueError, match="memonet needs the cross codebook: set data.cross"):
+        build_interaction("memonet", IN, D)
+
+
+def test_memonet_modules_read_the_codebook_in_every_group():
+    shape = CrossShape(num_pairs=1, num_hashes=2, dim=3)
+    dtn = _dtn(methods=["gdcn", "memonet"], cross=shape)
+    x, cross = torch.randn(4, IN), torch.randn(4, shape.width)
+    logits, trace = dtn.forward_with_gates(x, cross)
+    for t in TASKS:
+        assert [type(m).__name__ for m in dtn.task_groups[t]] == ["GDCN", "HashedCrossCodebook"]
+        torch.testing.assert_close(trace.groups[t][1], dtn.task_groups[t][1](x, cross))
+    changed = dtn(x, cross + 1.0)  # the codebook vectors reach every task's logit
+    assert all(not torch.allclose(changed[t], logits[t]) for t in TASKS)
+    with pytest.raises(ValueError, match="needs the cross codebook vectors"):
+        dtn(x)
+    cross.requires_grad_(True)  # the codebook rows learn through every memonet module
+    sum(v.sum() for v in dtn(x, cross).values()).backward()
+    assert cross.grad is not None and cross.grad.abs().sum() > 0
+    assert all(p.grad is not None for name, p in dtn.named_parameters() if "pair_" in name)
 
 
 def test_self_and_pool_see_the_right_groups():
@@ -206,9 +237,10 @@ def test_config_parses_and_builds(tmp_path: Path):
     "change, message",
     [
         (
-            {"methods": ["gdcn", "memonet"]},
-            "model.dtn.methods.1: Input should be 'gdcn', 'masknet', 'dcnv2' or 'mlp'",
+            {"methods": ["gdcn", "fm"]},
+            "model.dtn.methods.1: Input should be 'gdcn', 'masknet', 'memonet', 'dcnv2' or 'mlp'",
         ),
+        ({"methods": ["gdcn", "memonet"]}, "model.methods: memonet needs data.cross"),
         (
             {"dependencies": {"click": "conversion", "conversion": "click"}},
             "cycle click -> conversion -> click",
@@ -222,3 +254,51 @@ def test_config_parses_and_builds(tmp_path: Path):
 def test_config_errors(tmp_path: Path, change: dict, message: str):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, {**MODEL, **change}))
+
+
+CROSS_DATA = {
+    "tables": [
+        {"name": "user", "num_embeddings": 100, "embedding_dim": 8},
+        {"name": "codebook", "num_embeddings": 1000, "embedding_dim": 4},
+    ],
+    "sparse_features": [
+        {"name": "user_id", "table": "user"},
+        {"name": "city", "table": "user"},
+        {"name": "history", "table": "user", "multi_hot": True},
+    ],
+    "cross": {"table": "codebook", "fields": ["user_id", "city"]},
+}
+
+
+def test_cross_codebook_config_builds_codebook_table_and_shape(tmp_path: Path):
+    from trainer.model import build_train_module, cross_shape, embedding_bag_configs
+
+    config = load_config(write_config(tmp_path, {**MODEL, "methods": ["gdcn", "memonet"]}, CROSS_DATA))
+    assert config.data.cross.feature_names == ["user_id_x_city_h0", "user_id_x_city_h1"]
+    tables = {t.name: t.feature_names for t in embedding_bag_configs(config.data)}
+    assert tables["codebook"] == ["user_id_x_city_h0", "user_id_x_city_h1"]
+    assert cross_shape(config.data) == CrossShape(num_pairs=1, num_hashes=2, dim=4)
+    model = build_train_module(config, torch.device("meta")).model
+    # x holds the three field embeddings and the dense feature; the codewords stay out of it
+    assert model.in_features == 3 * 8 + 1 and model.cross_order == ["user_id_x_city_h0", "user_id_x_city_h1"]
+
+
+@pytest.mark.parametrize(
+    "model_change, cross_change, message",
+    [
+        ({}, {"fields": ["user_id", "history"]}, "data.cross.fields\\[1\\]: 'history' is multi-hot"),
+        ({}, {"fields": ["user_id", "age"]}, "data.cross.fields\\[1\\]: 'age' is not a sparse feature"),
+        ({}, {"fields": ["user_id"]}, "data.cross.fields"),
+        ({}, {"table": "items"}, "data.cross.table: unknown table 'items'"),
+        ({}, {"table": "user"}, "'user' is the cross codebook; sparse features .* must use another table"),
+        ({"methods": ["gdcn"]}, {}, "data.cross: .* model.type is 'dtn' without memonet"),
+        ({"type": "mmoe"}, {}, "data.cross: .* read only by model.type dtn .* model.type is 'mmoe'"),
+    ],
+)
+def test_cross_config_errors(tmp_path: Path, model_change: dict, cross_change: dict, message: str):
+    model = {**MODEL, "methods": ["gdcn", "memonet"], **model_change}
+    if model["type"] != "dtn":
+        model = {"type": model["type"]}
+    data = {**CROSS_DATA, "cross": {**CROSS_DATA["cross"], **cross_change}}
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, model, data))

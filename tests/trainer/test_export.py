@@ -160,3 +160,29 @@ def test_eval_mode_pooling_and_hashing_survive_export(synth_data: Path, tmp_path
     assert report is not None and report.rows == 1000
     assert all(t.max_dp < 1e-5 for t in report.tasks.values())
     assert load_artifact(tmp_path / "m.pt").schema["data"]["sparse_features"][0]["id_mode"] == "hash"
+
+
+def test_dtn_with_cross_codebook_exports_as_the_float_model(synth_data: Path, tmp_path: Path) -> None:
+    """The codebook table and its hashed pair features go through export: the artifact takes the
+    cross ids after the sparse features (schema ``data.cross``) and matches the float model."""
+    raw = synthetic_config(str(synth_data), run_dir=str(tmp_path / "run"))
+    raw["data"]["tables"].append({"name": "codebook", "num_embeddings": 3000, "embedding_dim": 4})
+    raw["data"]["cross"] = {"table": "codebook", "fields": ["user_id", "item_id", "device"]}
+    raw["model"] = {
+        "type": "dtn",
+        "methods": ["gdcn", "memonet"],
+        "module_width": 8,
+        "tower_hidden": [8],
+        "dependencies": {"conversion": "click"},
+    }
+    config = ExperimentConfig.model_validate(raw)
+    torch.manual_seed(2)
+    module = build_train_module(config, torch.device("cpu"))
+    with torch.no_grad():
+        for table in module.model.ebc.embedding_bags.values():
+            table.weight.normal_()
+    write_checkpoint(tmp_path / "run", config, module, step=3)
+    report = export_model(tmp_path / "run", tmp_path / "m.pt", quantize="none", check_rows=1000)
+    assert report is not None and all(t.max_dp < 1e-5 for t in report.tasks.values())
+    schema = load_artifact(tmp_path / "m.pt").schema["data"]
+    assert schema["cross"] == {"table": "codebook", "fields": raw["data"]["cross"]["fields"], "num_hashes": 2}

@@ -1,0 +1,406 @@
+"""Test AUC of every model on a real data set, mean ± std over seeds, beside the papers' numbers.
+
+    towerrec data census --out runs/census
+    python -m benchmarks.quality --dataset census --data runs/census            # the full sweep
+    python -m benchmarks.quality --dataset census --data runs/census --quick    # a check
+
+Protocol (the PLE and MMoE papers'): every run trains through ``towerrec train`` (TorchX
+``local_cwd``, ``--nproc`` ranks) and evaluates the validation split after every epoch, saving a
+checkpoint there; the epoch with the best validation AUC of the selection task (Census: income)
+is chosen, and only that checkpoint is evaluated on the test split (``towerrec evaluate``), once.
+Single-task means one run per task, each chosen on its own task. Hyperparameters below were set
+on validation only; they are the same for every seed.
+
+Results go to ``docs/RESULTS.md`` (one section per data set; ``--quick`` writes a separate one)
+and ``RUNS/<dataset>/summary.json``. Finished runs (with ``test_metrics.json``) are reused, so an
+interrupted sweep continues where it stopped; ``--fresh`` retrains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+from benchmarks.report import RESULTS_MD, markdown_table, write_section
+from trainer.config import add_override_argument, apply_override
+
+MLP = {"tower_hidden": [64, 32]}
+# model name -> model section. Widths chosen so every model has a comparable dense budget.
+MODELS: dict[str, dict[str, Any]] = {
+    "single_task": {"type": "single_task", "hidden": [128, 64], **MLP},
+    "shared_bottom": {"type": "shared_bottom", "bottom_hidden": [128, 64], **MLP},
+    "mmoe": {"type": "mmoe", "num_experts": 4, "expert_hidden": [64], **MLP},
+    "cgc": {"type": "cgc", "experts_per_task": 1, "shared_experts": 1, "expert_hidden": [64], **MLP},
+    "ple": {
+        "type": "ple",
+        "num_levels": 2,
+        "experts_per_task": 1,
+        "shared_experts": 1,
+        "expert_hidden": [64],
+        **MLP,
+    },
+    "dtn": {
+        "type": "dtn",
+        "methods": ["gdcn", "masknet", "memonet"],
+        "module_width": 64,
+        "masknet_block_width": 64,
+        "masknet_hidden": [128],
+        "gate_selector": "input",
+        "combine": "concat",
+        **MLP,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What differs between data sets: the selection task, crosses, DTN's TSN and paper numbers."""
+
+    select: str
+    cross_fields: list[str]
+    dependencies: dict[str, str]
+    epochs: int
+    paper: list[tuple[str, dict[str, float], str]]  # (model, {task: AUC}, source)
+
+
+PRESETS = {
+    "census": Preset(
+        select="income",
+        # Single-hot fields whose pairs the DTN codebook hashes: occupation, industry, household and
+        # work-time fields, where pairwise effects on income are plausible.
+        cross_fields=[
+            "age_bucket",
+            "det_occ_code",
+            "det_ind_code",
+            "class_worker",
+            "sex",
+            "det_hh_fam_stat",
+            "tax_filer_stat",
+            "weeks_worked_bucket",
+            "full_or_part_emp",
+        ],
+        dependencies={},  # income and marital status are not a funnel: no TSN edge
+        epochs=4,
+        paper=[
+            ("single_task", {"income": 0.9445, "marital": 0.9923}, "PLE paper, table 5"),
+            ("mmoe", {"income": 0.9393, "marital": 0.9928}, "PLE paper, table 5"),
+            ("ple", {"income": 0.9522, "marital": 0.9945}, "PLE paper, table 5"),
+            ("mmoe", {"income": 0.9359, "marital": 0.9927}, "MMoE paper, table 1 (mean of 400 runs)"),
+            ("shared_bottom", {"income": 0.9295, "marital": 0.9921}, "MMoE paper, table 1 (mean of 400)"),
+        ],
+    ),
+    "hillstrom": Preset(
+        select="conversion",
+        cross_fields=[  # every single-hot field but the bucketised dollar history (history_segment's twin)
+            "recency_bucket",
+            "history_segment",
+            "mens",
+            "womens",
+            "zip_code",
+            "newbie",
+            "channel",
+            "segment",
+        ],
+        dependencies={"conversion": "visit"},  # a conversion needs a visit: TSN visit -> conversion
+        epochs=6,
+        paper=[],
+    ),
+}
+CODEBOOK = {"name": "cross_codebook", "num_embeddings": 100_000, "embedding_dim": 16}
+
+
+@dataclass
+class Run:
+    model: str
+    tasks: list[str]  # the data set's tasks, or the one task of a single-task run
+    seed: int
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}" + (f"[{self.tasks[0]}]" if self.model == "single_task" else "")
+
+
+def base_config(data_dir: Path) -> dict[str, Any]:
+    path = data_dir / "config.yaml"
+    if not path.is_file():
+        sys.exit(f"error: {path} does not exist; write it with `towerrec data <dataset> --out {data_dir}`")
+    return yaml.safe_load(path.read_text())
+
+
+def steps_per_epoch(pattern: list[str] | str, batch_size: int, world_size: int) -> int:
+    """The loader's ``ceil(ceil(N / W) / B)`` from the Parquet footers."""
+    from data.config import resolve_paths
+
+    files = resolve_paths([pattern] if isinstance(pattern, str) else pattern, "data.train")
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    return math.ceil(math.ceil(rows / world_size) / batch_size)
+
+
+def run_config(
+    base: dict[str, Any], preset: Preset, run: Run, epochs: int, nproc: int, overrides: list[str]
+) -> dict[str, Any]:
+    """The run's config: ``base`` with the run's tasks, model, seed and schedule, then ``overrides``."""
+    config = json.loads(json.dumps(base))  # deep copy
+    data, training = config["data"], config["training"]
+    data["tasks"] = [t for t in data["tasks"] if t["name"] in run.tasks]
+    for task in data["tasks"]:
+        if task.get("sample_space") is not None and task["sample_space"] not in run.tasks:
+            # A single-task run would count the task on other rows: the comparison would be unfair.
+            sys.exit(
+                f"error: task {task['name']!r} counts only rows where {task['sample_space']!r} is 1; a "
+                "single-task run cannot; write the data with that task on all rows (Hillstrom: "
+                "`towerrec data hillstrom --conversion_space all`)"
+            )
+    model = dict(MODELS[run.model])
+    if run.model == "dtn":
+        data["tables"] = data["tables"] + [CODEBOOK]
+        data["cross"] = {"table": CODEBOOK["name"], "fields": preset.cross_fields}
+        model["dependencies"] = preset.dependencies
+    training.update({"epochs": epochs, "seed": run.seed, "log_interval": 100})
+    config.update(run_dir=str(run.run_dir), model=model)
+    for override in overrides:
+        apply_override(config, override)
+    # An evaluation and a checkpoint at every epoch's end, all kept: the chosen epoch reads test.
+    training = config["training"]
+    steps = steps_per_epoch(config["data"]["train"], training["batch_size"], nproc)
+    training["eval_interval"] = steps
+    config["checkpoint"] = {"enabled": True, "interval": steps, "keep_last": epochs, "resume": "never"}
+    return config
+
+
+def towerrec(*args: str) -> None:
+    cmd = [sys.executable, "-m", "launch.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+
+
+def best_eval(run_dir: Path, task: str) -> dict[str, Any]:
+    """The evaluation record with the highest validation AUC of ``task`` (earliest on ties)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["phase"] == "eval"]
+    if not evals:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has no evaluation")
+    return max(evals, key=lambda r: (r[task]["auc"], -r["step"]))
+
+
+def execute(
+    run: Run, config: dict[str, Any], select: str, data_dir: Path, nproc: int, read_test: bool = True
+) -> dict[str, Any]:
+    """Train, choose the epoch on validation, evaluate test once (unless tuning); returns the
+    run's record."""
+    result_path = run.run_dir / "test_metrics.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    if run.run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run.run_dir)], check=True)
+    run.run_dir.mkdir(parents=True)
+    config_path = run.run_dir.parent / f"{run.run_dir.name}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    start = time.perf_counter()
+    towerrec("train", "--config", str(config_path), "--nproc_per_node", str(nproc))
+    train_seconds = time.perf_counter() - start
+    chosen = best_eval(run.run_dir, select if select in run.tasks else run.tasks[0])
+    test = {"metrics": {t: {"auc": float("nan")} for t in run.tasks}}
+    if read_test:
+        test_path = run.run_dir / "test_eval.json"
+        towerrec("evaluate", "--run", str(run.run_dir), "--step", str(chosen["step"]),
+                 "--data", str(data_dir / "test"), "--out", str(test_path))  # fmt: skip
+        test = json.loads(test_path.read_text())
+    record = {
+        "model": run.model,
+        "seed": run.seed,
+        "tasks": run.tasks,
+        "chosen_step": chosen["step"],
+        "chosen_epoch": chosen["epoch"],
+        "valid": {t: chosen[t]["auc"] for t in run.tasks},
+        "test": {t: test["metrics"][t]["auc"] for t in run.tasks},
+        "train_seconds": round(train_seconds, 1),
+    }
+    if read_test:  # a tuning run is not finished: the final sweep trains it again
+        result_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def importance_report(record: dict[str, Any], run_dir: Path, data_dir: Path, name: str) -> str:
+    """Permutation importance of a finished run's chosen checkpoint on the validation split,
+    written to docs/importance/NAME/ and returned as markdown for the report."""
+    out = RESULTS_MD.parent / "importance" / name
+    towerrec("importance", "--run", str(run_dir), "--step", str(record["chosen_step"]),
+             "--data", str(data_dir / "valid"), "--out", str(out))  # fmt: skip
+    command = (
+        f"towerrec importance --run {run_dir} --step {record['chosen_step']} --data {data_dir / 'valid'} "
+        f"--out {out.relative_to(RESULTS_MD.parents[1])}"
+    )
+    lines = (out / "importance.md").read_text().strip().splitlines()
+    # Nested under the report's "###" heading: drop the file's title, demote its sections.
+    body = "\n".join("####" + line[2:] if line.startswith("## ") else line for line in lines[1:]).strip()
+    chart = (out / "importance.png").relative_to(RESULTS_MD.parent)
+    return f"Command: `{command}`\n\n{body}\n\n![{name}]({chart})"
+
+
+def plan_runs(models: list[str], tasks: list[str], seeds: list[int], root: Path) -> list[Run]:
+    runs = []
+    for model in models:
+        for task_group in [[t] for t in tasks] if model == "single_task" else [tasks]:
+            suffix = f"-{task_group[0]}" if model == "single_task" else ""
+            runs += [Run(model, task_group, s, root / f"{model}{suffix}-seed{s}") for s in seeds]
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summarize(
+    records: list[dict[str, Any]], tasks: list[str], models: list[str]
+) -> dict[str, dict[str, list]]:
+    """model -> task -> test AUCs over seeds (single-task runs merged into one row)."""
+    table: dict[str, dict[str, list]] = {m: {t: [] for t in tasks} for m in models}
+    for r in records:
+        for task, auc in r["test"].items():
+            table[r["model"]][task].append(auc)
+    return table
+
+
+def report(
+    table: dict[str, dict[str, list]], records: list[dict[str, Any]], preset: Preset, tasks: list[str]
+) -> str:
+    rows = [
+        [m, *(mean_std(v[t]) if v[t] else "-" for t in tasks), len(next(iter(v.values()))), "measured"]
+        for m, v in table.items()
+    ]
+    rows += [[m, *(f"{p[t]:.4f}" for t in tasks), "", src] for m, p, src in preset.paper]
+    header = ["model", *(f"{t} test AUC" for t in tasks), "seeds", "source"]
+    lines = [markdown_table(header, rows), "", "Targets (measured means):", ""]
+    mean = {m: {t: statistics.mean(v[t]) for t in tasks if v[t]} for m, v in table.items()}
+    paper_ple = next((p for m, p, _ in preset.paper if m == "ple"), None)
+    checks: list[tuple[str, bool | None]] = []
+    for model in ("ple", "dtn"):
+        if paper_ple and model in mean:
+            for t in tasks:
+                checks.append(
+                    (f"{model} {t} ≥ PLE paper {paper_ple[t]:.4f}", mean[model].get(t, 0) >= paper_ple[t])
+                )
+        if "single_task" in mean and model in mean:
+            for t in tasks:
+                ok = mean[model].get(t, 0) >= mean["single_task"].get(t, 1)
+                checks.append((f"{model} {t} ≥ single-task (no seesaw)", ok))
+    if "dtn" in mean and "ple" in mean:
+        checks += [(f"dtn {t} ≥ ple", mean["dtn"][t] >= mean["ple"][t]) for t in tasks]
+    lines += [f"- {'met' if ok else '**missed**'}: {name}" for name, ok in checks]
+    per_run = [
+        [r["model"] + ("[" + r["tasks"][0] + "]" if r["model"] == "single_task" else ""), r["seed"],
+         r["chosen_epoch"], *(f"{r['valid'].get(t, float('nan')):.4f}" for t in tasks),
+         *(f"{r['test'].get(t, float('nan')):.4f}" for t in tasks), r["train_seconds"]]
+        for r in records
+    ]  # fmt: skip
+    per_run_header = [
+        "run",
+        "seed",
+        "chosen epoch",
+        *(f"{t} valid" for t in tasks),
+        *(f"{t} test" for t in tasks),
+    ]
+    lines += ["", "Per run (epoch chosen on validation; `-`/nan: task not in the run):", ""]
+    lines += [markdown_table(per_run_header + ["train s"], per_run)]
+    return "\n".join(lines)
+
+
+def hyperparameters(base: dict[str, Any], preset: Preset, epochs: int, nproc: int) -> str:
+    training, dumps = base["training"], json.dumps
+    models = "\n".join(f"- `{m}`: `{dumps(v)}`" for m, v in MODELS.items())
+    return (
+        f"Hyperparameters: batch {training['batch_size']} per rank x {nproc} ranks, {epochs} epochs, "
+        f"dense `{dumps(training['dense_optimizer'])}`, sparse `{dumps(training['sparse_optimizer'])}`, "
+        f"embedding dim {base['data']['tables'][0]['embedding_dim']}; DTN codebook `{dumps(CODEBOOK)}` "
+        f"over the pairs of `{preset.cross_fields}`, TSN `{preset.dependencies}`.\n\n{models}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--data", type=Path, required=True, help="directory written by `towerrec data`")
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="run directories go here")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the data set's preset")
+    parser.add_argument("--nproc", type=int, default=2, help="trainer ranks per run")
+    parser.add_argument("--quick", action="store_true", help="one seed, one epoch: a check, not a result")
+    parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
+    parser.add_argument(
+        "--importance",
+        nargs="*",
+        choices=list(MODELS),
+        default=["ple", "dtn"],
+        help="models whose first-seed run gets a permutation-importance report (on validation)",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="validation only: never read the test split, print the validation AUCs, write no report",
+    )
+    add_override_argument(
+        parser, "override every run's config (e.g. training.dense_optimizer.lr=0.002); in the report"
+    )
+    args = parser.parse_args()
+    preset = PRESETS[args.dataset]
+    seeds, epochs = ([args.seeds[0]], 1) if args.quick else (args.seeds, args.epochs or preset.epochs)
+    base = base_config(args.data)
+    tasks = [t["name"] for t in base["data"]["tasks"]]
+    root = args.runs / (args.dataset + ("-quick" if args.quick else ""))
+    if args.fresh:
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+    records, start = [], time.perf_counter()
+    for run in plan_runs(args.models, tasks, seeds, root):
+        config = run_config(base, preset, run, epochs, args.nproc, args.overrides)
+        record = execute(run, config, preset.select, args.data, args.nproc, read_test=not args.tune)
+        records.append(record)
+        print(f"{run.label} seed {run.seed}: epoch {record['chosen_epoch']} valid {record['valid']} "
+              f"test {record['test']}", flush=True)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    if args.tune:
+        return
+    (root / "summary.json").write_text(json.dumps(records, indent=2))
+    table = summarize(records, tasks, args.models)
+    body = (
+        f"{report(table, records, preset, tasks)}\n\n"
+        f"{hyperparameters(base, preset, epochs, args.nproc)}\n"
+        + "".join(f"Override for every run: `--set {o}`\n" for o in args.overrides)
+        + "\n"
+        f"Wall time of this invocation: {elapsed / 60:.1f} min (reused finished runs count as 0)."
+    )
+    name = f"quality-{args.dataset}" + ("-quick" if args.quick else "")
+    for model in args.importance if not args.quick else []:
+        first = next((r for r in records if r["model"] == model), None)
+        if first is not None:
+            run_dir = plan_runs([model], tasks, [first["seed"]], root)[0].run_dir
+            section = importance_report(first, run_dir, args.data, f"{args.dataset}-{model}")
+            body += f"\n\n### Feature importance: {model}, seed {first['seed']}\n\n{section}"
+    title = f"{args.dataset.capitalize()}: test AUC" + (
+        " (quick check, 1 seed, 1 epoch)" if args.quick else ""
+    )
+    write_section(name, title, body, path=RESULTS_MD)
+
+
+if __name__ == "__main__":
+    main()
