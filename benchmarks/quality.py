@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -30,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import yaml
 
 from benchmarks.report import RESULTS_MD, markdown_table, write_section
+from data.config import DataConfig, resolve_paths
+from data.parquet import ParquetDataset
 from trainer.config import add_override_argument, apply_override
 
 MLP = {"tower_hidden": [64, 32]}
@@ -92,7 +92,7 @@ PRESETS = {
             "full_or_part_emp",
         ],
         dependencies={},  # income and marital status are not a funnel: no TSN edge
-        epochs=4,
+        epochs=10,
         paper=[
             ("single_task", {"income": 0.9445, "marital": 0.9923}, "PLE paper, table 5"),
             ("mmoe", {"income": 0.9393, "marital": 0.9928}, "PLE paper, table 5"),
@@ -114,7 +114,7 @@ PRESETS = {
             "segment",
         ],
         dependencies={"conversion": "visit"},  # a conversion needs a visit: TSN visit -> conversion
-        epochs=6,
+        epochs=12,
         paper=[],
     ),
 }
@@ -140,13 +140,11 @@ def base_config(data_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def steps_per_epoch(pattern: list[str] | str, batch_size: int, world_size: int) -> int:
-    """The loader's ``ceil(ceil(N / W) / B)`` from the Parquet footers."""
-    from data.config import resolve_paths
-
-    files = resolve_paths([pattern] if isinstance(pattern, str) else pattern, "data.train")
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
-    return math.ceil(math.ceil(rows / world_size) / batch_size)
+def steps_per_epoch(data: dict[str, Any], batch_size: int, world_size: int) -> int:
+    """Training steps per epoch of every rank, as the loader counts them (from the footers)."""
+    config = DataConfig.model_validate(data)
+    files = resolve_paths(config.train, "data.train")
+    return ParquetDataset(files, config, batch_size, 0, world_size).steps_per_epoch()
 
 
 def run_config(
@@ -175,8 +173,8 @@ def run_config(
         apply_override(config, override)
     # An evaluation and a checkpoint at every epoch's end, all kept: the chosen epoch reads test.
     training = config["training"]
-    steps = steps_per_epoch(config["data"]["train"], training["batch_size"], nproc)
-    training["eval_interval"] = steps
+    steps = steps_per_epoch(config["data"], training["batch_size"], nproc)
+    training["eval_interval"] = 0  # the trainer evaluates at every epoch's end anyway
     config["checkpoint"] = {"enabled": True, "interval": steps, "keep_last": epochs, "resume": "never"}
     return config
 
@@ -202,10 +200,12 @@ def execute(
     run: Run, config: dict[str, Any], select: str, data_dir: Path, nproc: int, read_test: bool = True
 ) -> dict[str, Any]:
     """Train, choose the epoch on validation, evaluate test once (unless tuning); returns the
-    run's record."""
+    run's record. A finished run is reused only if it was trained with this very config."""
     result_path = run.run_dir / "test_metrics.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    if read_test and result_path.is_file():
+        finished = json.loads(result_path.read_text())
+        if finished.get("config") == config:
+            return finished
     if run.run_dir.exists():
         subprocess.run(["rm", "-rf", str(run.run_dir)], check=True)
     run.run_dir.mkdir(parents=True)
@@ -230,6 +230,7 @@ def execute(
         "valid": {t: chosen[t]["auc"] for t in run.tasks},
         "test": {t: test["metrics"][t]["auc"] for t in run.tasks},
         "train_seconds": round(train_seconds, 1),
+        "config": config,
     }
     if read_test:  # a tuning run is not finished: the final sweep trains it again
         result_path.write_text(json.dumps(record, indent=2))
@@ -371,16 +372,24 @@ def main() -> None:
     if args.fresh:
         subprocess.run(["rm", "-rf", str(root)], check=True)
     records, start = [], time.perf_counter()
-    for run in plan_runs(args.models, tasks, seeds, root):
-        config = run_config(base, preset, run, epochs, args.nproc, args.overrides)
+    runs = plan_runs(args.models, tasks, seeds, root)
+    configs = [
+        run_config(base, preset, run, epochs, args.nproc, args.overrides) for run in runs
+    ]  # all checked
+    for run, config in zip(runs, configs, strict=True):
         record = execute(run, config, preset.select, args.data, args.nproc, read_test=not args.tune)
         records.append(record)
-        print(f"{run.label} seed {run.seed}: epoch {record['chosen_epoch']} valid {record['valid']} "
-              f"test {record['test']}", flush=True)  # fmt: skip
+        shown = "" if args.tune else f" test {record['test']}"
+        print(
+            f"{run.label} seed {run.seed}: epoch {record['chosen_epoch']} valid {record['valid']}{shown}",
+            flush=True,
+        )
     elapsed = time.perf_counter() - start
     if args.tune:
         return
-    (root / "summary.json").write_text(json.dumps(records, indent=2))
+    (root / "summary.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "config"} for r in records], indent=2)
+    )
     table = summarize(records, tasks, args.models)
     body = (
         f"{report(table, records, preset, tasks)}\n\n"

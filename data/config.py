@@ -173,6 +173,7 @@ class DataConfig(StrictModel):
                     f"data.cross.fields[{i}]: {name!r} is multi-hot; a cross field must be single-valued "
                     "(one id per row)"
                 )
+        _require_unique("data.cross (generated cross feature names)", cross.feature_names)
         clash = sorted(set(cross.feature_names) & set(features))
         if clash:
             raise ValueError(f"data.cross: generated cross features {clash} clash with sparse feature names")

@@ -47,6 +47,8 @@ def hash_pairs(first: np.ndarray, second: np.ndarray, num_buckets: int, function
 
         hash_pairs(np.array([3, 3]), np.array([5, 6]), 100_000, function=0)  # two buckets
     """
+    if np.shape(first) != np.shape(second):
+        raise ValueError(f"hash_pairs: id arrays of shapes {np.shape(first)} and {np.shape(second)}")
     salt = mix64(np.array([function], np.int64))[0]
     with np.errstate(over="ignore"):
         inner = mix64(np.asarray(first, np.int64)) ^ salt

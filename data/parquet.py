@@ -37,8 +37,10 @@ dataset object holds only file names and row-group sizes.
 Cross features (``data.cross``): computed per slice from the raw ids of the cross fields with
 ``hash_pairs`` (vectorised, no per-row Python) and appended after the sparse features, one id per
 real row. ``permute_feature`` (permutation importance): that feature's bags are permuted among the
-rows of each read slice (at least ``max(B, 1024)`` rows), before the crosses are computed, so a
-permuted field's crosses change with it; the permutation is seeded by the slice's position.
+rows of each read slice (up to ``max(B, 1024)`` consecutive rows; fewer where a row group, a rank's
+or a worker's range ends), before the crosses are computed, so a permuted field's crosses change
+with it. The permutation is seeded by the seed, the file's index and the slice's first row, so a
+pass with the same files, world size and workers permutes the same way.
 
 Validation: column presence and types are checked from the footers when the dataset is built
 (``inspect_files``); values while reading. Ids must be non-null (single-hot values, lists and
@@ -49,8 +51,8 @@ group, column, row within the file, the value and what was expected.
 
 from __future__ import annotations
 
+import copy
 import itertools
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -239,11 +241,20 @@ def _ids(
     return flat, lengths_np, offsets
 
 
-def _map_ids(
-    flat: pa.Array, offsets: np.ndarray | None, feature: SparseFeatureConfig, size: int, where: _Where
-) -> np.ndarray:
+def _raw_ids(flat: pa.Array) -> np.ndarray:
     # Wrapping cast: uint64 ids keep their bits (hash mode) or turn negative (rejected by check).
-    ids = flat.cast(pa.int64(), safe=False).to_numpy()
+    return flat.cast(pa.int64(), safe=False).to_numpy()
+
+
+def _map_ids(
+    ids: np.ndarray,
+    flat: pa.Array,
+    offsets: np.ndarray | None,
+    feature: SparseFeatureConfig,
+    size: int,
+    where: _Where,
+) -> np.ndarray:
+    """Table rows of the raw ``ids`` (``flat`` as read, for error messages)."""
     if feature.id_mode == "hash":
         return hash_ids(ids, size)
     bad = (ids < 0) | (ids >= size)
@@ -352,6 +363,12 @@ def _permute(parts: list[_Rows], rng: np.random.Generator) -> Iterator[_Rows]:
         start += len(part)
 
 
+def _check_sparse_feature(data: DataConfig, name: str) -> None:
+    names = [f.name for f in data.sparse_features]
+    if name not in names:
+        raise ValueError(f"permute_feature: {name!r} is not a sparse feature; features: {names}")
+
+
 class ParquetDataset(IterableDataset[Batch]):
     """Fixed-size, padded batches of a rank's share of Parquet files (policy: module docstring).
 
@@ -406,12 +423,17 @@ class ParquetDataset(IterableDataset[Batch]):
         self._label_columns = list(dict.fromkeys(data.label_columns)) if labels else []
         self._columns = list(dict.fromkeys(c for c, _ in _column_roles(data, labels)))
         self._table_size = {t.name: t.num_embeddings for t in data.tables}
-        names = [f.name for f in data.sparse_features]
-        if permute_feature is not None and permute_feature not in names:
-            raise ValueError(
-                f"permute_feature: {permute_feature!r} is not a sparse feature; features: {names}"
-            )
+        if permute_feature is not None:
+            _check_sparse_feature(data, permute_feature)
         self.permute_feature = permute_feature
+
+    def with_permutation(self, feature: str) -> "ParquetDataset":
+        """The same files, rank split, batch size and seed with ``feature``'s bags permuted
+        (module docstring): the evaluation set of one permutation-importance pass."""
+        _check_sparse_feature(self.data, feature)
+        permuted = copy.copy(self)
+        permuted.permute_feature = feature
+        return permuted
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's row-group order and shuffle; call before iterating.
@@ -529,13 +551,14 @@ class ParquetDataset(IterableDataset[Batch]):
         raw: dict[str, np.ndarray] = {}  # raw ids of the cross fields
         for feature in self.data.sparse_features:
             flat, feature_lengths, offsets = _ids(rb.column(feature.name), feature, where)
-            ids = _map_ids(flat, offsets, feature, self._table_size[feature.table], where)
+            raw_ids = _raw_ids(flat)
+            ids = _map_ids(raw_ids, flat, offsets, feature, self._table_size[feature.table], where)
             if cross is not None and feature.name in cross.fields:
-                raw[feature.name] = flat.cast(pa.int64(), safe=False).to_numpy()
+                raw[feature.name] = raw_ids
             if feature.name == self.permute_feature:
                 # Seeded by the slice's position, so every pass permutes the same way.
-                path_key = zlib.crc32(where.path.encode())
-                perm = _rng(self.seed, self.epoch, path_key, where.first_row).permutation(rb.num_rows)
+                file_index = self.files.index(where.path)
+                perm = _rng(self.seed, self.epoch, file_index, where.first_row).permutation(rb.num_rows)
                 ids, feature_lengths = _take_bags(ids, feature_lengths, perm), feature_lengths[perm]
                 if feature.name in raw:
                     raw[feature.name] = raw[feature.name][perm]

@@ -539,11 +539,11 @@ def _build_evaluate(subparsers) -> None:
             "step and epoch of the checkpoint, and writes it to --out. For a final report on test\n"
             "data, pick the step on validation (RUN_DIR/metrics.jsonl) and evaluate test once.\n\n"
             "example:\n"
-            "  towerrec evaluate --run runs/census --data runs/census/test --out runs/census/test.json\n"
+            "  towerrec evaluate --run runs/census-ple --data runs/census/test --out test.json\n"
             "  towerrec evaluate --run runs/demo --step 400 --data 'runs/demo-data/eval/*.parquet'"
         ),
     )
-    _add_run_arguments(parser, "importance.batch_size, else training.batch_size")
+    _add_run_arguments(parser, "the run's training.batch_size")
     parser.add_argument(
         "--data",
         required=True,
@@ -609,7 +609,7 @@ def _build_importance(subparsers) -> None:
             "at the end of training with the sharded model.\n\n"
             "example:\n"
             "  towerrec importance --run runs/demo\n"
-            "  towerrec importance --run runs/census --data runs/census/valid --out runs/census/imp"
+            "  towerrec importance --run runs/census-ple --data runs/census/valid --out runs/census-ple/imp"
         ),
     )
     _add_run_arguments(parser, "importance.batch_size, else training.batch_size")

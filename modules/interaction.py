@@ -195,7 +195,8 @@ class HashedCrossCodebook(nn.Module):
 
     def forward(self, x: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         shape = self.shape
-        codewords = cross.view(-1, shape.num_pairs, shape.num_hashes * shape.dim)
+        # x.shape[0], not -1: a cross input of the wrong width fails here, not as a batch mix-up.
+        codewords = cross.view(x.shape[0], shape.num_pairs, shape.num_hashes * shape.dim)
         pairs = torch.einsum("bpi,pio->bpo", codewords, self.pair_weight) + self.pair_bias
         return self.out(torch.cat([x, pairs.flatten(1)], dim=-1))
 

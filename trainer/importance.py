@@ -9,11 +9,12 @@ Example::
     importance_from_run("runs/demo")       # the same from a saved run, on its data.eval
 
 Importance of a sparse field for a task: the drop in the task's AUC when the field's bags are
-permuted among the rows (``ParquetDataset(permute_feature=...)``), which breaks the field's link to
-the labels and keeps its distribution. Fields are ranked per task (1 = largest drop, ties get their
-average rank); the divergence between two tasks is the Spearman rank correlation of their drop
-vectors (1: same order, -1: reversed), and the fields whose ranks differ most are listed: the DTN
-paper's observation that one feature can matter a lot to one task and little to another.
+permuted among the rows of each read slice (``ParquetDataset(permute_feature=...)``), which
+breaks the field's link to the labels and keeps its distribution. Fields are ranked per task
+(1 = largest drop, ties get their average rank); the divergence between two tasks is the
+Spearman rank correlation of their drop vectors (1: same order, -1: reversed), and the fields
+whose ranks differ most are listed: the DTN paper's observation that one feature can matter a lot
+to one task and little to another.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ class ImportanceResult:
 
     def ordered_fields(self) -> list[str]:
         """Fields by mean AUC drop over the tasks, largest first."""
-        return sorted(
-            self.fields, key=lambda f: -self.mean_drop(f) if not math.isnan(self.mean_drop(f)) else 0
+        return sorted(  # a field without a number (NaN: no AUC) goes last
+            self.fields, key=lambda f: -self.mean_drop(f) if not math.isnan(self.mean_drop(f)) else math.inf
         )
 
     def spearman(self) -> list[dict[str, Any]]:
@@ -187,6 +188,8 @@ def permutation_importance(
     """
     if not fields:
         raise ValueError("permutation importance needs at least one sparse field")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"permutation importance: fields {list(fields)} repeat a field")
     start = time.perf_counter()
     baseline = baseline if baseline else evaluate(None)
     permuted: dict[str, Metrics] = {}
@@ -218,7 +221,8 @@ def importance_markdown(result: ImportanceResult) -> str:
         lines += [f"Model: {where}.", ""]
     lines += [
         "AUC drop per task when one sparse field's values are permuted among the evaluation rows "
-        "(larger = more important; rank 1 = most important for that task), sorted by the mean drop.",
+        "(within read slices of up to max(batch, 1024) consecutive rows; larger = more important; "
+        "rank 1 = most important for that task), sorted by the mean drop.",
         "",
         "| field | " + " | ".join(f"{t} ΔAUC | {t} rank" for t in tasks) + " | mean ΔAUC |",
         "|---|" + "---:|---:|" * len(tasks) + "---:|",

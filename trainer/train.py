@@ -375,11 +375,7 @@ class Trainer:
         def evaluate(field: str | None) -> dict[str, dict[str, float]]:
             if field is None:
                 return self.evaluate(0, record=False)
-            # The eval set's files, rank split, batch size and seed: only the permutation differs.
-            permuted = ParquetDataset(
-                ev.files, ev.data, ev.batch_size, ev.rank, ev.world_size, seed=ev.seed, permute_feature=field
-            )
-            return self.evaluate(0, permuted, record=False)
+            return self.evaluate(0, ev.with_permutation(field), record=False)
 
         fields = [f.name for f in self.config.data.sparse_features]
         source = {"run_dir": str(Path(self.config.run_dir).resolve()), "step": self.step, "data": ev.files}

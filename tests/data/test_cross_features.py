@@ -61,6 +61,21 @@ def test_hash_pairs_spreads_and_keeps_order():
     buckets = hash_pairs(a, b, 100_000, 0)
     assert buckets.min() >= 0 and buckets.max() < 100_000 and len(set(buckets.tolist())) > 18_000
     assert not np.array_equal(hash_pairs(a, b, 100_000, 0), hash_pairs(b, a, 100_000, 0))
+    with pytest.raises(ValueError, match="hash_pairs: id arrays of shapes \\(1,\\) and \\(3,\\)"):
+        hash_pairs(np.array([1]), np.array([1, 2, 3]), 10, 0)
+
+
+def test_generated_cross_names_must_be_unique(data_config):
+    features = [{"name": n, "table": "user"} for n in ("a_x_b", "c", "a", "b_x_c")]
+    tables = [CROSS_TABLES[1], CROSS_TABLES[3]]
+    with pytest.raises(
+        ValueError, match="data.cross \\(generated cross feature names\\): name 'a_x_b_x_c_h0'"
+    ):
+        data_config(
+            tables=tables,
+            sparse_features=features,
+            cross={"table": "codebook", "fields": ["a_x_b", "c", "a", "b_x_c"]},
+        )
 
 
 def test_permuted_feature_moves_between_rows_and_its_crosses_follow(tmp_path: Path, files, data_config):
