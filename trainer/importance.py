@@ -125,25 +125,32 @@ class ImportanceResult:
         ]
 
     def divergent_fields(self, top: int = _DIVERGENT_SHOWN) -> list[dict[str, Any]]:
-        """The fields whose rank differs most between two tasks (largest spread first)."""
+        """The fields whose AUC drop differs most between two tasks (largest gap first).
+
+        By the gap in AUC drop, not in rank: among the many fields whose drops are all near zero,
+        ranks are noise, and a large rank spread there would mean nothing.
+        """
         if len(self.tasks) < 2:
             return []
-        ranks = self.ranks
+        drop, ranks = self.drop, self.ranks
         rows = []
         for f in self.fields:
-            hi = min(self.tasks, key=lambda t: ranks[f][t])
-            lo = max(self.tasks, key=lambda t: ranks[f][t])
+            if any(math.isnan(drop[f][t]) for t in self.tasks):
+                continue
+            hi = max(self.tasks, key=lambda t: drop[f][t])
+            lo = min(self.tasks, key=lambda t: drop[f][t])
             rows.append(
                 {
                     "field": f,
+                    "drop_gap": drop[f][hi] - drop[f][lo],
                     "rank_spread": ranks[f][lo] - ranks[f][hi],
                     "most_important_for": hi,
                     "least_important_for": lo,
                     "ranks": ranks[f],
                 }
             )
-        rows.sort(key=lambda r: -r["rank_spread"])
-        return [r for r in rows if r["rank_spread"] > 0][:top]
+        rows.sort(key=lambda r: -r["drop_gap"])
+        return [r for r in rows if r["drop_gap"] > 1e-9][:top]  # float noise is no gap
 
     def to_json(self) -> dict[str, Any]:
         return _finite(
@@ -252,11 +259,11 @@ def importance_markdown(result: ImportanceResult) -> str:
         lines.append("")
         divergent = result.divergent_fields()
         if divergent:
-            lines += ["Fields whose rank differs most between tasks:", ""]
+            lines += ["Fields whose importance differs most between tasks (largest gap in AUC drop):", ""]
             for d in divergent:
                 per_task = ", ".join(f"{t} {_rank(r)}" for t, r in d["ranks"].items())
                 lines.append(
-                    f"- {d['field']}: rank spread {_rank(d['rank_spread'])} "
+                    f"- {d['field']}: AUC-drop gap {_number(d['drop_gap'])} "
                     f"(most important for {d['most_important_for']}; ranks: {per_task})"
                 )
             lines.append("")

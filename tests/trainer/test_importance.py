@@ -62,7 +62,8 @@ def test_result_drops_ranks_and_divergence() -> None:
     assert pair["tasks"] == ["click", "conversion"]
     assert pair["spearman"] == pytest.approx(spearman([0.2, 0.01, 0.02, 0], [0.01, 0.15, 0.02, 0]))
     divergent = result.divergent_fields()
-    assert [d["field"] for d in divergent[:2]] == ["a", "b"]  # rank spread 2 each
+    assert [d["field"] for d in divergent] == ["a", "b"]  # drop gaps 0.19, 0.14; c and d: none
+    assert divergent[0]["drop_gap"] == pytest.approx(0.19) and divergent[0]["rank_spread"] == 2
     assert divergent[0]["most_important_for"] == "click"
 
 
@@ -73,7 +74,7 @@ def test_writers_md_json_png(tmp_path: Path) -> None:
     for name in ("a", "b", "c", "d"):
         assert f"| {name} |" in md
     assert "click ΔAUC | click rank" in md and "Baseline AUC (nothing permuted): click 0.8000" in md
-    assert "| click / conversion |" in md and "- a: rank spread 2" in md
+    assert "| click / conversion |" in md and "- a: AUC-drop gap +0.1900" in md
     # sorted by mean drop
     assert md.index("| a |") < md.index("| b |") < md.index("| c |") < md.index("| d |")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
