@@ -182,10 +182,14 @@ class DataConfig(StrictModel):
         return next(t for t in self.tables if t.name == name)
 
     @property
+    def sparse_feature_names(self) -> list[str]:
+        """The configured sparse features (Parquet columns), without the derived cross features."""
+        return [f.name for f in self.sparse_features]
+
+    @property
     def feature_names(self) -> list[str]:
         """Keys of the loader's KeyedJaggedTensor: the sparse features, then the cross features."""
-        names = [f.name for f in self.sparse_features]
-        return names + (self.cross.feature_names if self.cross is not None else [])
+        return self.sparse_feature_names + (self.cross.feature_names if self.cross is not None else [])
 
     def table_features(self, table: str) -> list[str]:
         """The features (sparse and cross) that look up ``table``, in KJT order."""

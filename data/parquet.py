@@ -364,7 +364,7 @@ def _permute(parts: list[_Rows], rng: np.random.Generator) -> Iterator[_Rows]:
 
 
 def _check_sparse_feature(data: DataConfig, name: str) -> None:
-    names = [f.name for f in data.sparse_features]
+    names = data.sparse_feature_names
     if name not in names:
         raise ValueError(f"permute_feature: {name!r} is not a sparse feature; features: {names}")
 

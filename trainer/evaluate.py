@@ -105,7 +105,7 @@ class RunEvaluator:
     @property
     def sparse_fields(self) -> list[str]:
         """The configured sparse features (not derived cross features): what can be permuted."""
-        return [f.name for f in self.config.data.sparse_features]
+        return self.config.data.sparse_feature_names
 
     def source(self) -> dict[str, Any]:
         """Where the weights came from, for reports."""
@@ -134,7 +134,10 @@ class RunEvaluator:
     def evaluate(self, files: list[str], permute_feature: str | None = None) -> Metrics:
         """One pass over ``files`` (resolved Parquet files); ``{task: {auc, ne, logloss, examples,
         positives}}``."""
-        dataset = self.dataset(files, permute_feature)
+        return self.evaluate_dataset(self.dataset(files, permute_feature))
+
+    def evaluate_dataset(self, dataset: ParquetDataset) -> Metrics:
+        """One pass over a dataset built by :meth:`dataset` (or its ``with_permutation``)."""
         max_examples = dataset.steps_per_epoch() * self.batch_size
         metrics = TaskMetrics(self.tasks, self.env, self.batch_size, max_examples)
         batches = make_dataloader(dataset, self.num_workers) if self.num_workers else dataset

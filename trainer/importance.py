@@ -335,8 +335,13 @@ def importance_from_run(
     files = resolve_paths(
         list(data) if data else list(evaluator.config.data.eval), "--data" if data else "data.eval"
     )
+    base = evaluator.dataset(files)  # footers read once; each pass only changes the permuted field
+
+    def evaluate(name: str | None) -> Metrics:
+        return evaluator.evaluate_dataset(base if name is None else base.with_permutation(name))
+
     result = permutation_importance(
-        lambda name: evaluator.evaluate(files, name),
+        evaluate,
         fields or known,
         source={**evaluator.source(), "data": files},
     )

@@ -377,7 +377,7 @@ class Trainer:
                 return self.evaluate(0, record=False)
             return self.evaluate(0, ev.with_permutation(field), record=False)
 
-        fields = [f.name for f in self.config.data.sparse_features]
+        fields = self.config.data.sparse_feature_names
         source = {"run_dir": str(Path(self.config.run_dir).resolve()), "step": self.step, "data": ev.files}
         result = permutation_importance(evaluate, fields, baseline, source)
         if self.env.is_main:
