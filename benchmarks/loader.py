@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from towerrec.data.config import resolve_paths
+from towerrec.data.parquet import ParquetDataset, make_dataloader
+from towerrec.data.synth import write_synthetic
+from towerrec.trainer.config import load_config
 
 from benchmarks.report import markdown_table, write_section
-from data.config import resolve_paths
-from data.parquet import ParquetDataset, make_dataloader
-from data.synth import write_synthetic
-from trainer.config import load_config
 
 
 def raw_scan(files: list[str], columns: list[str], batch_size: int) -> int:

@@ -39,7 +39,7 @@ POOLING = [1.0, 1.0, 1.0, 2.0, 5.0, 20.0]
 def synthetic_config(n_tables: int, n_billion: int = 0, billion_dim: int = 128, seed: int = 0) -> Any:
     """``n_tables`` tables of mixed sizes (1k-20M rows, dim 16-128, pooling factor 1-20), the
     first ``n_billion`` of 1,000,000,000 rows at ``billion_dim``; one feature per table."""
-    from trainer.config import ExperimentConfig
+    from towerrec.trainer.config import ExperimentConfig
 
     rng = random.Random(seed)
     tables, features, constraints = [], [], {}
@@ -71,9 +71,8 @@ def synthetic_config(n_tables: int, n_billion: int = 0, billion_dim: int = 128, 
 
 def run(config: Any, planner: str, label: str, topology: str, timeout_s: int | None) -> dict[str, Any]:
     from torchrec.distributed.planner.stats import _calculate_critical_path
-
-    from trainer.planning.planner import plan_config
-    from trainer.planning.topology import parse_topologies
+    from towerrec.trainer.planning.planner import plan_config
+    from towerrec.trainer.planning.topology import parse_topologies
 
     spec = parse_topologies(topology)[0]
     start = time.perf_counter()

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from towerrec.data.config import DataConfig, resolve_paths
+from towerrec.data.parquet import ParquetDataset
+from towerrec.trainer.config import add_override_argument, apply_override
 
 from benchmarks.report import RESULTS_MD, markdown_table, write_section
-from data.config import DataConfig, resolve_paths
-from data.parquet import ParquetDataset
-from trainer.config import add_override_argument, apply_override
 
 MLP = {"tower_hidden": [64, 32]}
 # model name -> model section. Widths chosen so every model has a comparable dense budget.

@@ -17,15 +17,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from towerrec.data.synth import write_synthetic
+from towerrec.trainer.distributed import free_port
+
 from benchmarks.report import markdown_table, write_section
-from data.synth import write_synthetic
-from trainer.distributed import free_port
 
 
 def train(config: Path, nproc: int, run_dir: Path, batch_size: int, workers: int) -> list[float]:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(free_port()), "-m", "trainer.main", "--config", str(config),
+        "--master_port", str(free_port()), "-m", "towerrec.trainer.main", "--config", str(config),
         "--set", f"run_dir={run_dir}", "--set", f"training.batch_size={batch_size}",
         "--set", f"training.num_workers={workers}", "--set", "training.log_interval=20",
         "--set", "checkpoint.enabled=false",  # measure training alone; never resume an earlier run

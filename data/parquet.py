@@ -61,10 +61,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from data.batch import Batch, PackedBatch
-from data.config import DataConfig, SparseFeatureConfig
-from data.hashing import hash_ids, hash_pairs
+from towerrec.data.batch import Batch, PackedBatch
+from towerrec.data.config import DataConfig, SparseFeatureConfig
+from towerrec.data.hashing import hash_ids, hash_pairs
 
 # Arrow record batches are read in slices of at least this many rows: small batch sizes then
 # still convert in vectorised blocks. Memory stays O(max(B, _MIN_READ_ROWS)) rows per slice.

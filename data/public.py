@@ -64,8 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
-
-from data.config import ready_training_section
+from towerrec.data.config import ready_training_section
 
 NUM_BUCKETS = 16
 SPLITS = ("train", "valid", "test")

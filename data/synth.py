@@ -37,9 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-
-from data.config import ready_training_section
-from data.hashing import mix64, unit_uniform
+from towerrec.data.config import ready_training_section
+from towerrec.data.hashing import mix64, unit_uniform
 
 VOCAB = {"user": 100_000, "item": 50_000, "category": 200, "city": 1_000, "device": 10}
 SINGLE_HOT = {  # column -> table

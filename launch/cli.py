@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
-from trainer.config import add_config_arguments
+from towerrec.trainer.config import add_config_arguments
 
 Handler = Callable[[argparse.Namespace], int]
 Builder = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
@@ -154,7 +154,7 @@ def _positive_int(text: str) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from data.synth import write_synthetic
+    from towerrec.data.synth import write_synthetic
 
     summary = write_synthetic(args.out, rows=args.rows, files=args.files, seed=args.seed)
     rows = getattr(summary, "rows", None)  # data.synth.SynthSummary: rows per split
@@ -167,7 +167,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_public(args: argparse.Namespace) -> int:
-    from data.public import DatasetError, convert_census, convert_hillstrom
+    from towerrec.data.public import DatasetError, convert_census, convert_hillstrom
 
     try:
         if args.dataset == "census":
@@ -199,7 +199,7 @@ def _build_train(subparsers) -> None:
         help="train on this machine (torchrun under the TorchX local_cwd scheduler)",
         description=(
             "Validate the config, then train on this machine: NPROC_PER_NODE ranks of\n"
-            "trainer.main under torchrun, launched with TorchX's local_cwd scheduler (the\n"
+            "towerrec.trainer.main under torchrun, launched with TorchX's local_cwd scheduler (the\n"
             "launch/components.py:train component). The ranks' logs stream to the terminal;\n"
             "exits non-zero if the job fails.\n\n"
             "example:\n"
@@ -236,7 +236,7 @@ def _build_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError, load_config, validate_data
+    from towerrec.trainer.config import ConfigError, load_config, validate_data
 
     if args.resume:
         args.overrides = [*args.overrides, f"checkpoint.resume={args.resume}"]
@@ -250,8 +250,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from torchx.runner import get_runner
     from torchx.specs import AppState
-
-    from launch.components import train
+    from towerrec.launch.components import train
 
     # Ranks run `python`: put this interpreter's directory first so they get the same
     # environment (the venv) even when it is not activated.
@@ -397,9 +396,9 @@ def _export(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.run):
         print(f"error: --run {args.run}: no such directory", file=sys.stderr)
         return EXIT_USAGE
-    from data.parquet import DataError
-    from trainer.checkpoint import CheckpointError
-    from trainer.export import TOLERANCES, ExportCheckError, Tolerance, export_model
+    from towerrec.data.parquet import DataError
+    from towerrec.trainer.checkpoint import CheckpointError
+    from towerrec.trainer.export import TOLERANCES, ExportCheckError, Tolerance, export_model
 
     default = TOLERANCES[args.quantize]
     tolerance = Tolerance(
@@ -476,15 +475,15 @@ def _build_predict(subparsers) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     _quiet_torch_logs()
-    from data.parquet import DataError
-    from trainer.distributed import describe_error
-    from trainer.predict import predict, predict_files
+    from towerrec.data.parquet import DataError
+    from towerrec.trainer.distributed import describe_error
+    from towerrec.trainer.predict import predict, predict_files
 
     passthrough = None if args.passthrough is None else [c for c in args.passthrough.split(",") if c]
     kw = dict(passthrough=passthrough, batch_size=args.batch_size, num_workers=args.num_workers)
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ and args.nproc == 1:
-            from data.config import resolve_paths
+            from towerrec.data.config import resolve_paths
 
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             files = resolve_paths(args.data, "--data")
@@ -558,9 +557,9 @@ def _build_evaluate(subparsers) -> None:
 def _run_errors(fn: Callable[[], int]) -> int:
     """Exit codes of the saved-run commands: 2 for bad arguments, 1 for a checkpoint or data error."""
     _quiet_torch_logs()
-    from data.parquet import DataError
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
+    from towerrec.data.parquet import DataError
+    from towerrec.trainer.checkpoint import CheckpointError
+    from towerrec.trainer.config import ConfigError
 
     try:
         return fn()
@@ -576,8 +575,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     def run() -> int:
         import json
 
-        from data.config import resolve_paths
-        from trainer.evaluate import RunEvaluator, evaluation_report
+        from towerrec.data.config import resolve_paths
+        from towerrec.trainer.evaluate import RunEvaluator, evaluation_report
 
         files = resolve_paths(args.data, "--data")
         evaluator = RunEvaluator(args.run, args.step, args.batch_size)
@@ -631,7 +630,7 @@ def _build_importance(subparsers) -> None:
 
 def _importance(args: argparse.Namespace) -> int:
     def run() -> int:
-        from trainer.importance import importance_from_run, importance_markdown
+        from towerrec.trainer.importance import importance_from_run, importance_markdown
 
         fields = [f for f in args.fields.split(",") if f] if args.fields else None
         result, paths = importance_from_run(args.run, args.step, args.data, args.out, args.batch_size, fields)
@@ -706,7 +705,7 @@ def _build_plan(subparsers) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from trainer.planning.command import run
+    from towerrec.trainer.planning.command import run
 
     return run(args)
 

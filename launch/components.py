@@ -1,4 +1,4 @@
-"""TorchX component that launches the towerrec trainer (``python -m trainer.main``) under torchrun.
+"""TorchX component that launches the towerrec trainer (``python -m towerrec.trainer.main``) under torchrun.
 
 One machine, 2 processes (``local_cwd`` runs in the current directory; ``image`` is ignored)::
 
@@ -39,7 +39,7 @@ from torchx.specs import macros
 
 DEFAULT_IMAGE = "towerrec:latest"
 ROLE_NAME = "trainer"
-TRAINER_MODULE = "trainer.main"
+TRAINER_MODULE = "towerrec.trainer.main"
 
 
 class _Raw(str):
@@ -56,7 +56,7 @@ def _escape_macros(s: str) -> str:
 
 
 def trainer_args(config: str, overrides: Iterable[str]) -> List[str]:
-    """``--config CONFIG --set K=V ...``: the arguments given to ``trainer.main``.
+    """``--config CONFIG --set K=V ...``: the arguments given to ``towerrec.trainer.main``.
 
     Each override is ``KEY=VALUE`` (a literal ``--set`` before one is accepted and dropped).
     """
@@ -87,10 +87,10 @@ def train(
     env: Optional[Dict[str, str]] = None,
     name: str = "towerrec-train",
 ) -> specs.AppDef:
-    """Trains a towerrec model: nnodes x nproc_per_node ranks of ``python -m trainer.main``.
+    """Trains a towerrec model: nnodes x nproc_per_node ranks of ``python -m towerrec.trainer.main``.
 
     Every node runs one ``python -m torch.distributed.run`` agent (c10d rendezvous) that starts
-    nproc_per_node ranks of ``trainer.main --config CONFIG --set KEY=VALUE ...``. Config overrides
+    nproc_per_node ranks of ``towerrec.trainer.main --config CONFIG --set KEY=VALUE ...``. Config overrides
     go after ``--`` at the end, e.g.
     ``torchx run -s local_cwd launch/components.py:train --config configs/demo.yaml
     --nproc_per_node 2 -- training.batch_size=4096 training.epochs=2``.
@@ -108,7 +108,7 @@ def train(
         memMB: memory per node in MB
         h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
         max_restarts: in-place restarts of all ranks by torchrun after a rank fails (training
-            starts over: trainer.main does not resume yet)
+            starts over: towerrec.trainer.main does not resume yet)
         max_retries: scheduler-level retries of the whole job (Volcano maxRetry, slurm requeue)
         rdzv_port: c10d rendezvous port on the first node when nnodes > 1 (with one node a free
             port is chosen)

@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-
-from modules.config import (
+from towerrec.modules.config import (
     CGCConfig,
     DTNConfig,
     MLPConfig,
@@ -20,12 +19,12 @@ from modules.config import (
     SingleTaskConfig,
     reads_cross,
 )
-from modules.dtn import DTN
-from modules.interaction import CrossShape
-from modules.mmoe import MMoE
-from modules.ple import PLE
-from modules.shared_bottom import SharedBottom
-from modules.single_task import SingleTask
+from towerrec.modules.dtn import DTN
+from towerrec.modules.interaction import CrossShape
+from towerrec.modules.mmoe import MMoE
+from towerrec.modules.ple import PLE
+from towerrec.modules.shared_bottom import SharedBottom
+from towerrec.modules.single_task import SingleTask
 
 
 def _mlp_kwargs(mlp: MLPConfig) -> Dict[str, Any]:

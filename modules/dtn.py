@@ -18,11 +18,10 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-
-from modules.config import find_dependency_cycle
-from modules.gate import Gate
-from modules.interaction import CrossShape, build_interaction
-from modules.tower import Tower, check_task_names
+from towerrec.modules.config import find_dependency_cycle
+from towerrec.modules.gate import Gate
+from towerrec.modules.interaction import CrossShape, build_interaction
+from towerrec.modules.tower import Tower, check_task_names
 
 
 def dependency_order(task_names: Sequence[str], dependencies: Mapping[str, str]) -> List[str]:

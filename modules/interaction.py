@@ -16,8 +16,7 @@ from typing import Callable, Dict, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-
-from modules.mlp import MLP
+from towerrec.modules.mlp import MLP
 
 
 def _to_width(in_features: int, out_features: int) -> nn.Module:

@@ -13,10 +13,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-
-from modules.gate import Gate
-from modules.mlp import MLP
-from modules.tower import Tower, check_task_names
+from towerrec.modules.gate import Gate
+from towerrec.modules.mlp import MLP
+from towerrec.modules.tower import Tower, check_task_names
 
 
 class MMoE(nn.Module):

@@ -11,9 +11,8 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
-
-from modules.mlp import MLP
-from modules.tower import Tower, check_task_names
+from towerrec.modules.mlp import MLP
+from towerrec.modules.tower import Tower, check_task_names
 
 
 class SingleTask(nn.Module):

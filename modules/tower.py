@@ -6,8 +6,7 @@ from typing import List, Sequence
 
 import torch
 import torch.nn as nn
-
-from modules.mlp import MLP
+from towerrec.modules.mlp import MLP
 
 
 def check_task_names(task_names: Sequence[str]) -> List[str]:

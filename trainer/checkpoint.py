@@ -91,10 +91,10 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-from data.parquet import ParquetDataset, resume_plan
-from trainer.config import ExperimentConfig
-from trainer.distributed import DistEnv
+from towerrec.data.parquet import ParquetDataset, resume_plan
+from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.distributed import DistEnv
+from towerrec.trainer.optimizers import TORCH_STATE_NAMES
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,9 +106,6 @@ META = "meta.json"
 # before DCP's .metadata, meta.json and the renames, so a test can kill a save in the middle.
 PAUSE_ENV = "TOWERREC_TEST_SAVE_PAUSE"
 
-# The data-parallel tables' torch optimizers name their state otherwise than fbgemm; checkpoints
-# use fbgemm's names (see the module docstring).
-_TORCH_STATE_NAMES = {"rowwise_adagrad": {"sum": "momentum1"}, "adagrad": {"sum": "momentum1"}, "sgd": {}}
 _MAX_LISTED = 20
 
 
@@ -696,7 +693,7 @@ class CheckpointManager:
             kind = self.config.training.sparse_optimizer.type
             for fqn, states in self.table_optimizer.state_dict()["state"].items():
                 table = fqn.split(".")[-2]
-                for name, canonical in _TORCH_STATE_NAMES[kind].items():
+                for name, canonical in TORCH_STATE_NAMES[kind].items():
                     value = states[name]
                     out.setdefault(table, {})[canonical] = (
                         value.view(-1) if kind == "rowwise_adagrad" else value
@@ -776,7 +773,7 @@ class CheckpointManager:
         ):
             if meta.raw.get(key, now) != now:
                 lines.append(f"training.{key}.type: {meta.raw[key]} in the checkpoint, {now} in the config")
-        if not lines and _TORCH_STATE_NAMES[training.sparse_optimizer.type]:
+        if not lines and TORCH_STATE_NAMES[training.sparse_optimizer.type]:
             for t in self.config.data.tables:
                 key = f"optim.sparse.{t.name}.momentum1"
                 if key not in metadata.state_dict_metadata:
@@ -872,7 +869,7 @@ class CheckpointManager:
         if table_state is not None:
             for fqn, states in table_state["state"].items():
                 table = fqn.split(".")[-2]
-                for name, canonical in _TORCH_STATE_NAMES[kind].items():
+                for name, canonical in TORCH_STATE_NAMES[kind].items():
                     value = states[name].view(-1) if kind == "rowwise_adagrad" else states[name]
                     targets.append((table, canonical, value, [[0, dims[table][1]]]))
         sparse: dict[str, dict[str, Any]] = {}

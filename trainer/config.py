@@ -18,9 +18,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
-
-from data.config import DataConfig, StrictModel, resolve_paths
-from modules.config import ModelConfig, reads_cross
+from towerrec.data.config import DataConfig, StrictModel, resolve_paths
+from towerrec.modules.config import ModelConfig, reads_cross
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -272,7 +271,7 @@ def validate_data(config: ExperimentConfig) -> None:
     Raises:
         ConfigError: naming the key (``data.train``/``data.eval``), the file and the column.
     """
-    from data.parquet import DataError, inspect_files  # torch and pyarrow: only when checking data
+    from towerrec.data.parquet import DataError, inspect_files  # torch and pyarrow: only when checking data
 
     for key in ("train", "eval"):
         try:

@@ -51,7 +51,7 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
 
     NCCL and the local CUDA device when CUDA is available, gloo on CPU otherwise.
     """
-    if "RANK" not in os.environ:  # plain `python -m trainer.main`: a group of one
+    if "RANK" not in os.environ:  # plain `python -m towerrec.trainer.main`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -24,14 +24,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from data.config import resolve_paths
-from data.parquet import ParquetDataset, make_dataloader
-from trainer.checkpoint import CheckpointMeta, load_model_state
-from trainer.config import ConfigError, ExperimentConfig, load_config
-from trainer.distributed import DistEnv
-from trainer.metrics import TaskMetrics
-from trainer.model import TrainModule, build_train_module
+from towerrec.data.config import resolve_paths
+from towerrec.data.parquet import ParquetDataset, make_dataloader
+from towerrec.trainer.checkpoint import CheckpointMeta, load_model_state
+from towerrec.trainer.config import ConfigError, ExperimentConfig, load_config
+from towerrec.trainer.distributed import DistEnv
+from towerrec.trainer.metrics import TaskMetrics
+from towerrec.trainer.model import TrainModule, build_train_module
 
 logger = logging.getLogger(__name__)
 

@@ -58,13 +58,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
-
-from data.config import resolve_paths
-from data.parquet import ParquetDataset
-from trainer.checkpoint import CheckpointMeta, find_checkpoint, load_model_state, read_meta
-from trainer.config import ExperimentConfig
-from trainer.model import TrainModule, build_train_module
-from trainer.predict import SCHEMA_FILE, Artifact, atomic_output, load_artifact
+from towerrec.data.config import resolve_paths
+from towerrec.data.parquet import ParquetDataset
+from towerrec.trainer.checkpoint import CheckpointMeta, find_checkpoint, load_model_state, read_meta
+from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.model import TrainModule, build_train_module
+from towerrec.trainer.predict import SCHEMA_FILE, Artifact, atomic_output, load_artifact
 
 QUANTIZATIONS = {"int8": torch.int8, "fp16": torch.float16, "none": torch.float32}
 

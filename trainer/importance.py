@@ -322,8 +322,8 @@ def importance_from_run(
         CheckpointError: no such checkpoint.
         ValueError: a field of ``fields`` that is not a configured sparse feature.
     """
-    from data.config import resolve_paths
-    from trainer.evaluate import RunEvaluator
+    from towerrec.data.config import resolve_paths
+    from towerrec.trainer.evaluate import RunEvaluator
 
     evaluator = RunEvaluator(run_dir, step, batch_size)
     if batch_size is None and evaluator.config.importance.batch_size is not None:

@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m torch.distributed.run --nproc_per_node 2 -m trainer.main \
+    python -m torch.distributed.run --nproc_per_node 2 -m towerrec.trainer.main \
         --config configs/demo.yaml --set training.batch_size=4096
 """
 
@@ -15,16 +15,15 @@ import sys
 import warnings
 
 import torch.distributed as dist
-
-from data.parquet import DataError
-from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, add_config_arguments, load_config, validate_data
-from trainer.distributed import RankFailure, describe_error, init_distributed
-from trainer.train import train
+from towerrec.data.parquet import DataError
+from towerrec.trainer.checkpoint import CheckpointError
+from towerrec.trainer.config import ConfigError, add_config_arguments, load_config, validate_data
+from towerrec.trainer.distributed import RankFailure, describe_error, init_distributed
+from towerrec.trainer.train import train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="trainer.main", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="towerrec.trainer.main", description=__doc__.split("\n")[0])
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -39,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         force=True,
     )
-    for ours in ("trainer", "data", "modules"):
-        logging.getLogger(ours).setLevel(logging.INFO)
+    logging.getLogger("towerrec").setLevel(logging.INFO)
     # Deprecation notices from inside fbgemm/torchrec that a user cannot act on.
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")

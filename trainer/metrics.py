@@ -24,8 +24,7 @@ import torch.distributed as dist
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecComputeMode, RecTaskInfo
 from torchrec.metrics.ne import NEMetric
-
-from trainer.distributed import DistEnv
+from towerrec.trainer.distributed import DistEnv
 
 
 class TaskMetrics:

@@ -14,14 +14,13 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-
-from data.batch import Batch
-from data.config import DataConfig
-from modules.builders import build_embedding_collection, build_network
-from modules.interaction import CrossShape
-from modules.loss import MultiTaskLoss, TaskLossSpec
-from modules.multitask import MultiTaskModel, pooled_embedding_width
-from trainer.config import ExperimentConfig
+from towerrec.data.batch import Batch
+from towerrec.data.config import DataConfig
+from towerrec.modules.builders import build_embedding_collection, build_network
+from towerrec.modules.interaction import CrossShape
+from towerrec.modules.loss import MultiTaskLoss, TaskLossSpec
+from towerrec.modules.multitask import MultiTaskModel, pooled_embedding_width
+from towerrec.trainer.config import ExperimentConfig
 
 
 class StepOutput(NamedTuple):

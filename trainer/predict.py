@@ -38,10 +38,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-
-from data.batch import Batch
-from data.config import DataConfig, resolve_paths
-from data.parquet import DataError, ParquetDataset, make_dataloader
+from towerrec.data.batch import Batch
+from towerrec.data.config import DataConfig, resolve_paths
+from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader
 
 SCHEMA_FILE = "towerrec_schema.json"  # the artifact's schema, a TorchScript extra file
 PREFIX = "p_"  # output column of task t: p_<t>

@@ -15,18 +15,11 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.distributed import DistEnv
+from towerrec.trainer.planning.plan_file import CPU_SHARDING_TYPES, load_plan_file
 
-from trainer.config import ExperimentConfig
-from trainer.distributed import DistEnv
-
-# What TorchRec can run on CPU (gloo): row-wise variants need CUDA (NCCL).
-CPU_SHARDING_TYPES = (
-    ShardingType.DATA_PARALLEL.value,
-    ShardingType.TABLE_WISE.value,
-    ShardingType.COLUMN_WISE.value,
-    ShardingType.TABLE_COLUMN_WISE.value,
-)
 CPU_COMPUTE_KERNELS = ("dense", "fused")  # host-memory (UVM) kernels need CUDA
 
 
@@ -76,7 +69,6 @@ def plan_sharding(module: nn.Module, config: ExperimentConfig, env: DistEnv) -> 
     """Plan on rank 0 for the job's real topology and share the plan with every rank; with
     ``sharding.plan_file`` set, every rank loads that plan instead (checked against the job)."""
     if config.sharding.plan_file:
-        from trainer.planning.plan_file import load_plan_file
 
         return load_plan_file(
             config.sharding.plan_file, module, env.world_size, env.local_world_size, env.device.type
@@ -94,29 +86,3 @@ def plan_sharding(module: nn.Module, config: ExperimentConfig, env: DistEnv) -> 
         debug=False,
     )
     return planner.collective_plan(module, sharders(), env.cpu_group)
-
-
-def plan_to_dict(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
-    """``{module path: {table: {sharding_type, compute_kernel, ranks, shards}}}``, JSON-ready."""
-    out: dict[str, dict[str, Any]] = {}
-    for module_path, module_plan in plan.plan.items():
-        tables: dict[str, Any] = {}
-        for table, ps in module_plan.items():  # type: ignore[union-attr]
-            shards = []
-            if ps.sharding_spec is not None:
-                for shard in ps.sharding_spec.shards:
-                    shards.append(
-                        {
-                            "offsets": list(shard.shard_offsets),
-                            "sizes": list(shard.shard_sizes),
-                            "placement": str(shard.placement),
-                        }
-                    )
-            tables[table] = {
-                "sharding_type": ps.sharding_type,
-                "compute_kernel": ps.compute_kernel,
-                "ranks": list(ps.ranks) if ps.ranks is not None else None,
-                "shards": shards,
-            }
-        out[module_path] = tables
-    return out

@@ -14,87 +14,33 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-from data.batch import Batch
-from data.config import resolve_paths
-from data.parquet import ParquetDataset, make_dataloader
-from trainer.checkpoint import CheckpointManager
-from trainer.config import DenseOptimizerConfig, ExperimentConfig, SparseOptimizerConfig, dump_config
-from trainer.distributed import DistEnv, lockstep
-from trainer.importance import ImportanceResult, permutation_importance, write_importance
-from trainer.metrics import TaskMetrics
-from trainer.model import StepOutput, TrainModule, build_train_module
-from trainer.sharding import plan_sharding, plan_to_dict, sharders
+from torchrec.optim.keyed import CombinedOptimizer
+from towerrec.data.batch import Batch
+from towerrec.data.config import resolve_paths
+from towerrec.data.parquet import ParquetDataset, make_dataloader
+from towerrec.trainer.checkpoint import CheckpointManager
+from towerrec.trainer.config import ExperimentConfig, dump_config
+from towerrec.trainer.distributed import DistEnv, lockstep
+from towerrec.trainer.importance import ImportanceResult, permutation_importance, write_importance
+from towerrec.trainer.metrics import TaskMetrics
+from towerrec.trainer.model import StepOutput, build_train_module
+from towerrec.trainer.optimizers import (
+    apply_sparse_optimizer,
+    dense_optimizer,
+    replicated_table_optimizer,
+    replicated_tables,
+)
+from towerrec.trainer.planning.plan_file import plan_to_dict
+from towerrec.trainer.sharding import plan_sharding, sharders
 
 logger = logging.getLogger(__name__)
-
-
-def _sparse_optimizer_class(cfg: SparseOptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    classes: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
-        "rowwise_adagrad": (RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps}),
-        "adagrad": (torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps}),
-        "sgd": (torch.optim.SGD, {"lr": cfg.lr}),
-    }
-    return classes[cfg.type]
-
-
-def apply_sparse_optimizer(module: TrainModule, cfg: SparseOptimizerConfig) -> None:
-    """Fuse the table optimizer into the backward pass (TorchRec's fused TBE update)."""
-    optimizer_class, kwargs = _sparse_optimizer_class(cfg)
-    apply_optimizer_in_backward(optimizer_class, module.model.ebc.parameters(), kwargs)
-
-
-def replicated_tables(plan: dict[str, dict[str, Any]]) -> list[str]:
-    """Parameter keys of the data-parallel tables in ``plan_to_dict(plan)``."""
-    return [
-        f"{module_path}.embedding_bags.{table}.weight"
-        for module_path, tables in plan.items()
-        for table, placement in tables.items()
-        if placement["sharding_type"] == "data_parallel"
-    ]
-
-
-def replicated_table_optimizer(
-    model: torch.nn.Module, keys: list[str], cfg: SparseOptimizerConfig
-) -> KeyedOptimizerWrapper | None:
-    """The sparse optimizer for the data-parallel tables (None without any).
-
-    TorchRec runs those tables with its dense kernel, which ignores the optimizer fused by
-    ``apply_optimizer_in_backward``: left alone they would be updated by the dense optimizer. Here
-    they get the configured table optimizer, stepped after backward on the DDP-averaged gradient
-    (TorchRec divides a sharded table's gradient by the world size too), so a table learns the
-    same way, and has the same optimizer state, whatever its placement.
-    """
-    if not keys:
-        return None
-    params = dict(model.named_parameters())
-    optimizer_class, kwargs = _sparse_optimizer_class(cfg)
-    return KeyedOptimizerWrapper({k: params[k] for k in keys}, lambda p: optimizer_class(p, **kwargs))
-
-
-def dense_optimizer(
-    model: torch.nn.Module, cfg: DenseOptimizerConfig, exclude: Collection[str] = ()
-) -> KeyedOptimizerWrapper:
-    """The dense network's optimizer: every parameter without a fused optimizer, but ``exclude``."""
-    params = {k: p for k, p in in_backward_optimizer_filter(model.named_parameters()) if k not in exclude}
-    factories = {
-        "adam": lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "adamw": lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "sgd": lambda p: torch.optim.SGD(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-    }
-    return KeyedOptimizerWrapper(params, factories[cfg.type])
 
 
 class RunRecorder:

@@ -12,8 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from data.config import DataConfig
+from towerrec.data.config import DataConfig
 
 USERS, ITEMS, MAX_ROWS = 50, 100, 1_000_000
 

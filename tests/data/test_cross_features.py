@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from data.hashing import hash_pairs
-from data.parquet import ParquetDataset, make_dataloader
+from towerrec.data.hashing import hash_pairs
+from towerrec.data.parquet import ParquetDataset, make_dataloader
 
 CROSS_TABLES = [
     {"name": "rows", "num_embeddings": 1_000_000, "embedding_dim": 4},

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from data.batch import Batch
-from data.hashing import hash_ids, mix64
-from data.parquet import ParquetDataset, make_dataloader
+from towerrec.data.batch import Batch
+from towerrec.data.hashing import hash_ids, mix64
+from towerrec.data.parquet import ParquetDataset, make_dataloader
 
 B = 16
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from data.parquet import DataError, ParquetDataset, inspect_files, make_dataloader
+from towerrec.data.parquet import DataError, ParquetDataset, inspect_files, make_dataloader
 
 ROWS, GROUP, BAD_ROW = 32, 16, 21  # the bad value sits in row group 1 of the second file
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from data.batch import Batch
-from data.parquet import ParquetDataset, make_dataloader, resume_plan
+from towerrec.data.batch import Batch
+from towerrec.data.parquet import ParquetDataset, make_dataloader, resume_plan
 
 B = 16
 

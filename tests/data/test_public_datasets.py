@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from data.public import (
+from towerrec.data.public import (
     CENSUS_ARCHIVE,
     CENSUS_COLUMNS,
     CENSUS_NUMERIC,
@@ -25,8 +24,8 @@ from data.public import (
     fetch_archive,
     read_census,
 )
-from launch import cli
-from trainer.config import load_config, validate_data
+from towerrec.launch import cli
+from towerrec.trainer.config import load_config, validate_data
 
 
 def census_rows(n: int, seed: int, test: bool) -> list[list[str]]:

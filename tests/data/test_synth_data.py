@@ -8,10 +8,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-
-from data.config import resolve_paths
-from data.parquet import ParquetDataset
-from data.synth import synthetic_config, write_synthetic
+from towerrec.data.config import resolve_paths
+from towerrec.data.parquet import ParquetDataset
+from towerrec.data.synth import synthetic_config, write_synthetic
 
 
 def parquet_files(out_dir: str) -> list[str]:
@@ -46,7 +45,7 @@ def test_config_is_complete_and_readable(tmp_path):
         raw = yaml.safe_load(f)
     assert raw == synthetic_config(out)
     assert raw["data"]["train"] == os.path.join(out, "train", "*.parquet")
-    from trainer.config import load_config  # the whole experiment schema, models included
+    from towerrec.trainer.config import load_config  # the whole experiment schema, models included
 
     config = load_config(summary.config_path)
     assert [t.name for t in config.data.tasks] == ["click", "conversion"]

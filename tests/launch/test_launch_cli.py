@@ -7,8 +7,7 @@ import sys
 
 import pytest
 from launch_helpers import REPO, script
-
-from launch import cli
+from towerrec.launch import cli
 
 
 def help_of(capsys, *argv: str) -> str:
@@ -45,7 +44,7 @@ def test_console_script_help_is_fast_and_imports_nothing_heavy():
         "import sys; from launch import cli\n"
         "try: cli.main(['--help'])\n"
         "except SystemExit: pass\n"
-        "heavy = [m for m in ('torch', 'torchx', 'pyarrow', 'data.parquet') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'torchx', 'pyarrow', 'towerrec.data.parquet') if m in sys.modules]\n"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
@@ -66,7 +65,7 @@ def test_subcommands_come_from_the_registry():
 
 
 def test_data_synth_writes_parquet_and_a_config_that_loads(tmp_path, capsys):
-    from trainer.config import load_config, validate_data
+    from towerrec.trainer.config import load_config, validate_data
 
     out = tmp_path / "d"
     assert (
@@ -137,5 +136,5 @@ def test_train_dryrun_prints_the_local_request(valid_config, capsys):
     assert cli.main([*argv, "--set", "training.batch_size=64", "--dryrun"]) == 0
     out = capsys.readouterr().out
     assert "=== SCHEDULER REQUEST ===" in out
-    assert "--nproc_per_node 2" in out and "-m trainer.main" in out
+    assert "--nproc_per_node 2" in out and "-m towerrec.trainer.main" in out
     assert "--set training.batch_size=64" in out

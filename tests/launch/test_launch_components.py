@@ -8,8 +8,7 @@ import pytest
 from torchx import specs
 from torchx.runner import get_runner
 from torchx.specs.file_linter import get_fn_docstring, validate
-
-from launch.components import train
+from towerrec.launch.components import train
 
 OVERRIDES = ("training.batch_size=4096", "model.tower_hidden=[64, 32]")
 
@@ -29,7 +28,7 @@ def option(argv: list[str], name: str) -> str:
 
 
 def trainer_argv(argv: list[str]) -> list[str]:
-    return argv[argv.index("trainer.main") + 1 :]
+    return argv[argv.index("towerrec.trainer.main") + 1 :]
 
 
 # ----------------------------------------------------------------------------------- the AppDef
@@ -50,7 +49,7 @@ def test_single_node_appdef():
     assert option(argv, "--rdzv_endpoint") == "localhost:0"
     assert option(argv, "--rdzv_id") == specs.macros.app_id
     assert option(argv, "--max_restarts") == "0"
-    assert argv[argv.index("trainer.main") - 1] == "-m"
+    assert argv[argv.index("towerrec.trainer.main") - 1] == "-m"
     assert trainer_argv(argv) == [
         "--config", "configs/demo.yaml",
         "--set", "training.batch_size=4096",
@@ -99,7 +98,7 @@ def test_overrides_are_checked_and_a_leading_set_is_accepted():
 
 
 def test_component_is_valid_and_every_argument_documented():
-    import launch.components as module
+    import towerrec.launch.components as module
 
     assert validate(module.__file__, "train") == []  # the torchx component linter
     _, args_help = get_fn_docstring(train)
@@ -158,7 +157,7 @@ def test_kubernetes_request():
         assert (option(argv, "--nnodes"), option(argv, "--nproc_per_node")) == ("2", "4")
         assert option(argv, "--max_restarts") == "1"
         assert option(argv, "--rdzv_id") == job["metadata"]["name"]
-        assert argv[argv.index("trainer.main") - 1] == "-m"
+        assert argv[argv.index("towerrec.trainer.main") - 1] == "-m"
         assert trainer_argv(argv) == [
             "--config", "configs/demo.yaml", "--set", OVERRIDES[0], "--set", OVERRIDES[1]
         ]  # fmt: skip

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from launch import cli
+from towerrec.launch import cli
 
 
 def test_train_resume_flag_becomes_the_checkpoint_resume_override(valid_config, capsys):

@@ -31,7 +31,7 @@ def test_component_help():
     result = run("run", "-s", "local_cwd", COMPONENT, "--help")
     assert result.returncode == 0, result.stderr
     for text in ["--config", "--nproc_per_node", "--nnodes", "--rdzv_port", "--max_restarts",
-                 "config overrides KEY=VALUE", "trainer.main"]:  # fmt: skip
+                 "config overrides KEY=VALUE", "towerrec.trainer.main"]:  # fmt: skip
         assert text in result.stdout, text
 
 
@@ -49,7 +49,7 @@ def test_kubernetes_dryrun():
     assert request.count("image: reg/towerrec:1") == 2
     flat = " ".join(request.split())  # YAML folds the long command
     assert "python -m torch.distributed.run --nnodes 2 --nproc_per_node 4" in flat
-    assert "-m trainer.main --config configs/demo.yaml --set training.batch_size=4096" in flat
+    assert "-m towerrec.trainer.main --config configs/demo.yaml --set training.batch_size=4096" in flat
     assert "nvidia.com/gpu: '4'" in request
 
 
@@ -64,7 +64,7 @@ def test_slurm_dryrun():
     assert "sbatch --parsable" in request
     assert request.count("--partition=train --time=1:00:00") == 2
     assert "python -m torch.distributed.run --nnodes 2 --nproc_per_node 4" in request
-    assert "-m trainer.main --config configs/demo.yaml --set training.batch_size=4096" in request
+    assert "-m towerrec.trainer.main --config configs/demo.yaml --set training.batch_size=4096" in request
 
 
 def _train_through_torchx(synth_data: Path, tmp_path: Path, *topology: str) -> dict:

@@ -9,14 +9,13 @@ import pytest
 import torch
 from config_utils import write_config
 from dist_utils import run_on_ranks
-
-from modules.builders import NETWORK_BUILDERS, build_network
-from modules.config import CGCConfig, MMoEConfig, SharedBottomConfig, SingleTaskConfig
-from modules.mmoe import MMoE
-from modules.ple import PLE
-from modules.shared_bottom import SharedBottom
-from modules.single_task import SingleTask
-from trainer.config import ConfigError, load_config
+from towerrec.modules.builders import NETWORK_BUILDERS, build_network
+from towerrec.modules.config import CGCConfig, MMoEConfig, SharedBottomConfig, SingleTaskConfig
+from towerrec.modules.mmoe import MMoE
+from towerrec.modules.ple import PLE
+from towerrec.modules.shared_bottom import SharedBottom
+from towerrec.modules.single_task import SingleTask
+from towerrec.trainer.config import ConfigError, load_config
 
 TASKS = ["a", "b", "c"]
 N = 5  # experts; differs from the task count on purpose
@@ -192,9 +191,9 @@ def test_unknown_type_lists_every_allowed_type(tmp_path: Path):
 
 
 def _fit(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     return Trainer(load_config(config_path, overrides), init_distributed()).fit()
 

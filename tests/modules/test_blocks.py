@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torch.nn as nn
-
-from modules.gate import Gate
-from modules.mlp import MLP
-from modules.tower import Tower
+from towerrec.modules.gate import Gate
+from towerrec.modules.mlp import MLP
+from towerrec.modules.tower import Tower
 
 
 def test_mlp_layer_order_and_width():

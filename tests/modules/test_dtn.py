@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from config_utils import write_config
-
-from modules.builders import build_network
-from modules.config import DTNConfig
-from modules.dtn import DTN, GatingNetwork, dependency_order
-from modules.interaction import GDCN, INTERACTIONS, CrossShape, MaskBlock, MaskNet, build_interaction
-from trainer.config import ConfigError, load_config
+from towerrec.modules.builders import build_network
+from towerrec.modules.config import DTNConfig
+from towerrec.modules.dtn import DTN, GatingNetwork, dependency_order
+from towerrec.modules.interaction import GDCN, INTERACTIONS, CrossShape, MaskBlock, MaskNet, build_interaction
+from towerrec.trainer.config import ConfigError, load_config
 
 TASKS = ["click", "conversion", "like"]
 IN, D = 6, 5
@@ -271,7 +270,7 @@ CROSS_DATA = {
 
 
 def test_cross_codebook_config_builds_codebook_table_and_shape(tmp_path: Path):
-    from trainer.model import build_train_module, cross_shape, embedding_bag_configs
+    from towerrec.trainer.model import build_train_module, cross_shape, embedding_bag_configs
 
     config = load_config(write_config(tmp_path, {**MODEL, "methods": ["gdcn", "memonet"]}, CROSS_DATA))
     assert config.data.cross.feature_names == ["user_id_x_city_h0", "user_id_x_city_h1"]

@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from modules.loss import MultiTaskLoss, TaskLossSpec
+from towerrec.modules.loss import MultiTaskLoss, TaskLossSpec
 
 B = 8
 

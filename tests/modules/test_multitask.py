@@ -4,11 +4,10 @@ import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed.train_pipeline.tracing import Tracer
-
-from modules.builders import build_embedding_collection
-from modules.loss import MultiTaskLoss, TaskLossSpec
-from modules.multitask import MultiTaskModel
-from modules.ple import PLE
+from towerrec.modules.builders import build_embedding_collection
+from towerrec.modules.loss import MultiTaskLoss, TaskLossSpec
+from towerrec.modules.multitask import MultiTaskModel
+from towerrec.modules.ple import PLE
 
 TABLES = [
     EmbeddingBagConfig(name="user", num_embeddings=20, embedding_dim=4, feature_names=["user_id"]),

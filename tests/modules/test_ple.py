@@ -4,10 +4,9 @@ import types
 
 import pytest
 import torch
-
-from modules.builders import build_network
-from modules.config import PLEConfig
-from modules.ple import CGC, PLE
+from towerrec.modules.builders import build_network
+from towerrec.modules.config import PLEConfig
+from towerrec.modules.ple import CGC, PLE
 
 TASKS = ["a", "b", "c"]
 COUNTS = [1, 3, 2]  # differs from the task count on purpose

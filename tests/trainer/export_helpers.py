@@ -17,9 +17,9 @@ def _train_and_save(
     rank: int, world_size: int, config_path: str, run_dir: str, extra: tuple[str, ...] = ()
 ) -> int:
     """Train ``STEPS`` steps; the trainer writes ``checkpoints/step-…`` and ``latest``."""
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     overrides = [
         f"run_dir={run_dir}",
@@ -48,7 +48,7 @@ def trained_run(synth_data: Path) -> Path:
 @functools.lru_cache(maxsize=None)
 def exported(synth_data: Path, quantize: str = "int8") -> tuple[Path, Any]:
     """``(artifact path, CheckReport)`` of the trained run exported with ``quantize``."""
-    from trainer.export import export_model
+    from towerrec.trainer.export import export_model
 
     run_dir = trained_run(synth_data)
     out = run_dir / f"model-{quantize}.pt"

@@ -46,9 +46,9 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
 
 
 def _uninterrupted_and_resumed(rank: int, world_size: int, config_path: str, root: str) -> dict:
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     env = init_distributed()
     common = [
@@ -137,9 +137,9 @@ SOURCE_PLAN = [  # 2 ranks: every CPU placement, tables split in 4 and 2 column 
 
 def _train(rank: int, world_size: int, config_path: str, run_dir: str, overrides: list[str]) -> dict:
     """Train; return this rank's pieces of the model's tensors after the final save."""
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     config = load_config(config_path, [f"run_dir={run_dir}", *SMALL, *overrides])
     trainer = Trainer(config, init_distributed())
@@ -177,13 +177,12 @@ def _resume_and_compare(
     optimizer state with the checkpoint, read back whole in this process; train 2 more steps."""
     import torch
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    from trainer.checkpoint import find_checkpoint, load_model_state, read_meta, read_sparse_state
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.model import build_train_module
-    from trainer.sharding import plan_to_dict
-    from trainer.train import Trainer
+    from towerrec.trainer.checkpoint import find_checkpoint, load_model_state, read_meta, read_sparse_state
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.model import build_train_module
+    from towerrec.trainer.planning.plan_file import plan_to_dict
+    from towerrec.trainer.train import Trainer
 
     config = load_config(
         config_path,
@@ -344,9 +343,8 @@ def test_two_rank_checkpoint_resumes_on_four_ranks_with_another_plan(
 
 def _plain_module(synth_data: Path, *overrides: str) -> Any:
     import torch
-
-    from trainer.config import load_config
-    from trainer.model import build_train_module
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.model import build_train_module
 
     config = load_config(synth_data / "config.yaml", ["run_dir=unused", *overrides])
     return build_train_module(config, torch.device("cpu"))
@@ -355,7 +353,7 @@ def _plain_module(synth_data: Path, *overrides: str) -> Any:
 def test_load_model_state_gives_every_ranks_trained_weights_in_one_process(
     synth_data: Path, source_ranks: tuple[Path, list[dict]]
 ) -> None:
-    from trainer.checkpoint import load_model_state
+    from towerrec.trainer.checkpoint import load_model_state
 
     run_dir, ranks = source_ranks
     module = _plain_module(synth_data)
@@ -373,7 +371,7 @@ def test_load_model_state_gives_every_ranks_trained_weights_in_one_process(
 def test_missing_damaged_or_foreign_checkpoints_give_one_clear_error(
     synth_data: Path, source_run: Path, tmp_path: Path
 ) -> None:
-    from trainer.checkpoint import CheckpointError, load_model_state
+    from towerrec.trainer.checkpoint import CheckpointError, load_model_state
 
     def error(run_dir: Path, step: int | None = None, module: Any = None) -> str:
         with pytest.raises(CheckpointError) as info:
@@ -434,10 +432,10 @@ def test_missing_damaged_or_foreign_checkpoints_give_one_clear_error(
 
 
 def _resume_errors(rank: int, world_size: int, config_path: str, runs: dict[str, str]) -> dict[str, str]:
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.checkpoint import CheckpointError
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     env = init_distributed()
     messages = {}
@@ -479,7 +477,7 @@ def _torchrun(config: Path, overrides: list[str], log: Path, env: dict[str, str]
     from dist_utils import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(free_port()), "-m", "trainer.main", "--config", str(config)]
+    cmd += ["--master_port", str(free_port()), "-m", "towerrec.trainer.main", "--config", str(config)]
     for override in overrides:
         cmd += ["--set", override]
     with open(log, "w") as out:
@@ -517,7 +515,7 @@ def _kill_tree(pid: int) -> None:
 def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
     synth_data: Path, tmp_path: Path
 ) -> None:
-    from trainer.checkpoint import PAUSE_ENV, load_model_state
+    from towerrec.trainer.checkpoint import PAUSE_ENV, load_model_state
 
     run_dir = tmp_path / "run"
     overrides = [

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 from test_config import BASE, write
-
-from trainer.config import CheckpointConfig, ConfigError, load_config
+from towerrec.trainer.config import CheckpointConfig, ConfigError, load_config
 
 
 def test_defaults_save_every_1000_steps_keep_two_and_resume_automatically(tmp_path: Path) -> None:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from trainer.config import ConfigError, ExperimentConfig, apply_override, dump_config, load_config
+from towerrec.trainer.config import ConfigError, ExperimentConfig, apply_override, dump_config, load_config
 
 BASE = {
     "run_dir": "runs/t",
@@ -116,7 +115,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_config_is_what_data_synth_writes() -> None:
-    from data.synth import synthetic_config
+    from towerrec.data.synth import synthetic_config
 
     committed = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     assert committed == synthetic_config("runs/demo-data", run_dir="runs/demo")

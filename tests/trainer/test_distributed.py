@@ -7,8 +7,7 @@ from dist_utils import run_on_ranks
 
 def _consume(rank: int, world_size: int, fail_rank: int, fail_at: int, short_rank: int) -> list[int]:
     import torch.distributed as dist
-
-    from trainer.distributed import lockstep
+    from towerrec.trainer.distributed import lockstep
 
     def batches():
         for step in range(5):
@@ -44,8 +43,7 @@ def test_ranks_running_out_at_different_steps_fail_loudly() -> None:
 
 def test_single_process_reraises_the_original_error() -> None:
     import pytest
-
-    from trainer.distributed import lockstep
+    from towerrec.trainer.distributed import lockstep
 
     def batches():
         yield 1

@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 from dist_utils import run_on_ranks
-
-from trainer.checkpoint import CheckpointError, CheckpointMeta
-from trainer.evaluate import RunEvaluator, evaluate_run, trained_epoch
+from towerrec.trainer.checkpoint import CheckpointError, CheckpointMeta
+from towerrec.trainer.evaluate import RunEvaluator, evaluate_run, trained_epoch
 
 
 def _train(rank: int, world_size: int, config_path: str, run_dir: str) -> dict:
     import logging
 
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
-    logging.getLogger("trainer").setLevel(logging.WARNING)
+    logging.getLogger("towerrec.trainer").setLevel(logging.WARNING)
     overrides = [
         f"run_dir={run_dir}",
         "training.batch_size=512",
@@ -66,7 +65,7 @@ def test_evaluate_run_reproduces_the_trainers_metrics(saved_run: Path, synth_dat
 def test_cli_prints_and_writes_json_with_step_and_epoch(
     saved_run: Path, synth_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from launch.cli import main
+    from towerrec.launch.cli import main
 
     out = tmp_path / "sub" / "test.json"
     assert (
@@ -108,7 +107,7 @@ def test_trained_epoch_of_an_epoch_boundary_checkpoint() -> None:
 
 
 def test_unknown_step_names_the_existing_ones(saved_run: Path, synth_data: Path) -> None:
-    from launch.cli import main
+    from towerrec.launch.cli import main
 
     with pytest.raises(
         CheckpointError, match=r"step-00000007 does not exist; complete checkpoint steps: \[5, 10\]"
@@ -128,7 +127,7 @@ def test_run_dir_without_checkpoints_or_config(saved_run: Path, synth_data: Path
     with pytest.raises(CheckpointError, match=f"{bare}: no checkpoints"):
         RunEvaluator(bare)
 
-    from launch.cli import main
+    from towerrec.launch.cli import main
 
     assert main(["evaluate", "--run", str(bare), "--data", str(synth_data / "eval")]) == 1
     assert main(["evaluate", "--run", str(tmp_path / "missing"), "--data", str(synth_data / "eval")]) == 2
@@ -136,8 +135,8 @@ def test_run_dir_without_checkpoints_or_config(saved_run: Path, synth_data: Path
 
 
 def test_unknown_field_and_unmatched_data(saved_run: Path, synth_data: Path, tmp_path: Path) -> None:
-    from launch.cli import main
-    from trainer.importance import importance_from_run
+    from towerrec.launch.cli import main
+    from towerrec.trainer.importance import importance_from_run
 
     eval_data = [str(synth_data / "eval")]
     with pytest.raises(ValueError, match="permute_feature: 'price' is not a sparse feature"):

@@ -14,13 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from export_helpers import exported, trained_run, write_checkpoint
-
-from data.synth import synthetic_config
-from trainer import export
-from trainer.config import ExperimentConfig
-from trainer.export import TOLERANCES, ExportCheckError, auc, export_model
-from trainer.model import build_train_module
-from trainer.predict import load_artifact
+from towerrec.data.synth import synthetic_config
+from towerrec.trainer import export
+from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.export import TOLERANCES, ExportCheckError, auc, export_model
+from towerrec.trainer.model import build_train_module
+from towerrec.trainer.predict import load_artifact
 
 
 def test_auc_is_the_pairwise_definition() -> None:
@@ -79,7 +78,7 @@ inputs = torch.load(sys.argv[2])
 with torch.inference_mode():
     out = model(inputs["values"], inputs["lengths"], inputs["dense"])
 torch.save(out, sys.argv[3])
-ours = sorted(m for m in sys.modules if m.split(".")[0] in {"trainer", "data", "modules", "launch"})
+ours = sorted(m for m in sys.modules if m.split(".")[0] == "towerrec")
 print(json.dumps({"tasks": [t["name"] for t in schema["data"]["tasks"]], "ours": ours}))
 """
 

@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from dist_utils import run_on_ranks
-
-from trainer.importance import (
+from towerrec.trainer.importance import (
     ImportanceResult,
     average_ranks,
     importance_from_run,
@@ -148,11 +147,11 @@ def write_signal_data(root: Path, rows: int = 6000, seed: int = 0) -> Path:
 def _train(rank: int, world_size: int, config_path: str, overrides: list[str]) -> dict:
     import logging
 
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
-    logging.getLogger("trainer").setLevel(logging.WARNING)
+    logging.getLogger("towerrec.trainer").setLevel(logging.WARNING)
     return Trainer(load_config(config_path, overrides), init_distributed()).fit()
 
 
@@ -188,7 +187,7 @@ def test_permuting_the_label_field_drops_auc_far_more(tmp_path: Path) -> None:
     assert json.loads(paths["json"].read_text())["step"] == 282
 
     # The command line: a subset of fields into another directory.
-    from launch.cli import main
+    from towerrec.launch.cli import main
 
     out = tmp_path / "cli-out"
     assert main(["importance", "--run", str(tmp_path / "run"), "--out", str(out), "--fields", "a,noise"]) == 0

@@ -18,8 +18,8 @@ def make_rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _metrics_on_rank(rank: int, world_size: int) -> dict:
-    from trainer.distributed import init_distributed
-    from trainer.metrics import TaskMetrics
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.metrics import TaskMetrics
 
     env = init_distributed()
     metrics = TaskMetrics(["click", "cvr"], env, batch_size=64, max_examples=3 * 64 * world_size)

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from launch import cli
-from trainer.config import ExperimentConfig
-from trainer.planning.topology import TopologyError, TopologySpec, parse_topologies
+from towerrec.launch import cli
+from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.planning.topology import TopologyError, TopologySpec, parse_topologies
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_TYPES = {"data_parallel", "table_wise", "column_wise", "table_column_wise"}
@@ -129,8 +128,8 @@ def test_topology_file_error_names_file_and_entry(tmp_path: Path) -> None:
 
 
 def _planning_inputs(config: ExperimentConfig, spec: TopologySpec):
-    from trainer.planning.planner import _quiet_reservation, build_module
-    from trainer.sharding import sharders, table_constraints
+    from towerrec.trainer.planning.planner import _quiet_reservation, build_module
+    from towerrec.trainer.sharding import sharders, table_constraints
 
     spec = spec.resolved(config.training.batch_size, 0.15, "rowwise_adagrad")
     module = build_module(config, "rowwise_adagrad")
@@ -142,9 +141,8 @@ def _planning_inputs(config: ExperimentConfig, spec: TopologySpec):
 
 def test_shared_estimates_equal_torchrec_enumerator_shard_by_shard() -> None:
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-
-    from trainer.planning.fast import enumerate_options
-    from trainer.sharding import sharders
+    from towerrec.trainer.planning.fast import enumerate_options
+    from towerrec.trainer.sharding import sharders
 
     config = config_of(MIXED)
     module, topology, reserved, constraints, batch = _planning_inputs(
@@ -170,8 +168,7 @@ def test_shared_estimates_equal_torchrec_enumerator_shard_by_shard() -> None:
 def test_fast_planner_is_no_worse_than_torchrec_default_planner() -> None:
     from torchrec.distributed.planner.planners import validate_rank_assignment
     from torchrec.distributed.planner.stats import _calculate_critical_path
-
-    from trainer.planning.planner import plan_config
+    from towerrec.trainer.planning.planner import plan_config
 
     config = config_of(MIXED + [(f"t{i}", 10_000 * (i + 1), 32) for i in range(6)])
     spec = parse_topologies("2x4xA100-40GB")[0]
@@ -202,10 +199,10 @@ def _free_after(result):
 
 
 def test_cpu_topology_offers_only_what_torchrec_runs_on_cpu(tmp_path: Path) -> None:
-    from trainer.planning.fast import enumerate_options
-    from trainer.planning.planner import plan_config
-    from trainer.planning.report import compute_figures, markdown
-    from trainer.sharding import sharders
+    from towerrec.trainer.planning.fast import enumerate_options
+    from towerrec.trainer.planning.planner import plan_config
+    from towerrec.trainer.planning.report import compute_figures, markdown
+    from towerrec.trainer.sharding import sharders
 
     config = config_of(MIXED)
     spec = parse_topologies("1x4xCPU-16GB")[0]
@@ -246,7 +243,7 @@ def test_cpu_topology_rejects_a_row_wise_constraint_naming_the_key(tmp_path: Pat
 
 
 def test_table_that_fits_no_device_gives_one_message_with_remedies(tmp_path: Path) -> None:
-    from trainer.planning.planner import TableTooLargeError, plan_config
+    from towerrec.trainer.planning.planner import TableTooLargeError, plan_config
 
     config = config_of([("huge", 50_000_000, 64), ("small", 1000, 8)])
     with pytest.raises(TableTooLargeError) as error:
@@ -276,7 +273,7 @@ def test_table_that_fits_no_device_gives_one_message_with_remedies(tmp_path: Pat
 
 
 def test_adagrad_state_counts_as_much_as_the_table(tmp_path: Path) -> None:
-    from trainer.planning.planner import TableTooLargeError, plan_config
+    from towerrec.trainer.planning.planner import TableTooLargeError, plan_config
 
     config = config_of([("big", 4_000_000, 64)])  # 0.95 GB of weights
     assert plan_config(config, parse_topologies("1x1xCPU-1.5GB")[0]).fits  # rowwise: + 1 float per row
@@ -370,8 +367,8 @@ def test_plan_help_is_fast_and_imports_no_torch() -> None:
 
 
 def test_plan_file_is_checked_against_the_model_and_the_job(tmp_path: Path) -> None:
-    from trainer.model import build_train_module
-    from trainer.planning.plan_file import PlanFileError, load_plan_file
+    from towerrec.trainer.model import build_train_module
+    from towerrec.trainer.planning.plan_file import PlanFileError, load_plan_file
 
     out = tmp_path / "out"
     config_path = write_config(tmp_path, raw_config(MIXED))
@@ -411,7 +408,7 @@ def test_plan_file_is_checked_against_the_model_and_the_job(tmp_path: Path) -> N
 
 
 def test_billion_scale_example_config_loads() -> None:
-    from trainer.config import load_config
+    from towerrec.trainer.config import load_config
 
     config = load_config(ROOT / "configs" / "billion_scale.yaml")
     big = [t for t in config.data.tables if t.num_embeddings == 1_000_000_000]
@@ -420,9 +417,9 @@ def test_billion_scale_example_config_loads() -> None:
 
 @pytest.mark.parametrize("name, world_size", [("billion-2x8", 16), ("billion-8x8-adagrad", 64)])
 def test_committed_example_plans_load_for_their_config(name: str, world_size: int) -> None:
-    from trainer.config import load_config
-    from trainer.model import build_train_module
-    from trainer.planning.plan_file import load_plan_file
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.model import build_train_module
+    from towerrec.trainer.planning.plan_file import load_plan_file
 
     path = ROOT / "docs" / "plans" / name / "plan.json"
     module = build_train_module(load_config(ROOT / "configs" / "billion_scale.yaml"), torch.device("meta"))

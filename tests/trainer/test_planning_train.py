@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from dist_utils import free_port
-
-from launch import cli
+from towerrec.launch import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +47,7 @@ def test_training_run_uses_exactly_the_planned_placement(synth_data: Path, tmp_p
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "trainer.main", "--config", str(config),
+        "--master_port", str(free_port()), "-m", "towerrec.trainer.main", "--config", str(config),
         "--set", f"run_dir={run_dir}", "--set", "training.batch_size=256", "--set", "training.max_steps=4",
         "--set", f"sharding.plan_file={plan_file}",
     ]  # fmt: skip

@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from export_helpers import exported
-
-from data.parquet import DataError, ParquetDataset
-from trainer.predict import load_artifact, predict, predict_files
+from towerrec.data.parquet import DataError, ParquetDataset
+from towerrec.trainer.predict import load_artifact, predict, predict_files
 
 IDS = ["user_id", "item_id"]
 

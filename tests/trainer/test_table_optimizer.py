@@ -31,10 +31,9 @@ def _fill_tables(model) -> None:
 
 def _device_table_update(rank: int, world_size: int, config_path: str, root: str, sparse: str) -> dict:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     env = init_distributed()
     updates = {}

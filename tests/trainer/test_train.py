@@ -27,7 +27,7 @@ def torchrun(config: Path, overrides: list[str], timeout: float = 300) -> subpro
         "--master_port",
         str(free_port()),
         "-m",
-        "trainer.main",
+        "towerrec.trainer.main",
         "--config",
         str(config),
     ]
@@ -88,10 +88,9 @@ def test_two_rank_run_trains_evaluates_and_records(synth_data: Path, tmp_path: P
 def _train_and_compare_tables(rank: int, world_size: int, config_path: str, run_dir: str) -> dict:
     import torch
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.train import Trainer
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
 
     config = load_config(
         config_path, [f"run_dir={run_dir}", "training.batch_size=512", "training.max_steps=8"]

@@ -6,9 +6,9 @@ trainer obeys (``sharding.plan_file``) and a report people can read.
 
 Example::
 
-    from trainer.planning.planner import plan_config
-    from trainer.planning.report import compute_figures, write_report
-    from trainer.planning.topology import parse_topologies
+    from towerrec.trainer.planning.planner import plan_config
+    from towerrec.trainer.planning.report import compute_figures, write_report
+    from towerrec.trainer.planning.topology import parse_topologies
 
     spec = parse_topologies("2x8xA100-80GB,batch_size=4096")[0]
     result = plan_config(load_config("configs/billion_scale.yaml"), spec)   # fast planner

@@ -22,8 +22,8 @@ EXIT_OK, EXIT_NO_FIT, EXIT_USAGE = 0, 1, 2
 
 def run(args: argparse.Namespace) -> int:
     """The handler behind ``towerrec plan`` (arguments: see ``launch.cli``)."""
-    from trainer.config import ConfigError, load_config
-    from trainer.planning.topology import TopologyError, parse_topologies
+    from towerrec.trainer.config import ConfigError, load_config
+    from towerrec.trainer.planning.topology import TopologyError, parse_topologies
 
     try:
         config = load_config(args.config, args.overrides)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             flush=True,
         )
-    from trainer.planning.report import write_compare
+    from towerrec.trainer.planning.report import write_compare
 
     written = write_compare(all_figures, dirs, out, config_name)
     print(f"compare: {written[0]}  (chart {written[2]}; one report per row under {out}/)")
@@ -84,8 +84,13 @@ def run(args: argparse.Namespace) -> int:
 def _plan_one(
     config: Any, spec: Any, out: Path, config_name: str, args: argparse.Namespace, meta: dict[str, Any]
 ) -> tuple[dict[str, Any], int]:
-    from trainer.planning.planner import PlanningError, TableTooLargeError, failed_result, plan_config
-    from trainer.planning.report import compute_figures, write_report
+    from towerrec.trainer.planning.planner import (
+        PlanningError,
+        TableTooLargeError,
+        failed_result,
+        plan_config,
+    )
+    from towerrec.trainer.planning.report import compute_figures, write_report
 
     start = time.perf_counter()
     try:

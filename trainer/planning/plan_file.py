@@ -10,7 +10,7 @@ Format (``towerrec-shard-plan/1``)::
                                      "shards": [{"offsets": [0, 0], "sizes": [62500000, 128],
                                                  "placement": "rank:0/cuda:0"}, ...]}}}}
 
-``plan`` has the form of a run's ``sharding_plan.json`` (``trainer.sharding.plan_to_dict``), so a
+``plan`` has the form of a run's ``sharding_plan.json`` (``plan_to_dict`` below), so a
 run that loads the file writes the same placement back; a bare ``sharding_plan.json`` loads too.
 
 Example::
@@ -36,31 +36,65 @@ from torchrec.distributed.types import (
     ShardingType,
     ShardMetadata,
 )
+from towerrec.trainer.planning.topology import TopologySpec
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "towerrec-shard-plan/1"
+
+# What TorchRec can run on CPU (gloo): row-wise variants need CUDA (NCCL).
+CPU_SHARDING_TYPES = (
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+)
 
 
 class PlanFileError(ValueError):
     """The plan file does not match the job; the message names the file and the mismatch."""
 
 
-def write_plan_file(path: Path, result: Any, meta: dict[str, Any]) -> None:
-    """``result``: a :class:`trainer.planning.planner.PlanResult` that fits."""
-    from trainer.sharding import plan_to_dict
+def plan_to_dict(plan: ShardingPlan) -> dict[str, dict[str, Any]]:
+    """``{module path: {table: {sharding_type, compute_kernel, ranks, shards}}}``, JSON-ready."""
+    out: dict[str, dict[str, Any]] = {}
+    for module_path, module_plan in plan.plan.items():
+        tables: dict[str, Any] = {}
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            shards = []
+            if ps.sharding_spec is not None:
+                for shard in ps.sharding_spec.shards:
+                    shards.append(
+                        {
+                            "offsets": list(shard.shard_offsets),
+                            "sizes": list(shard.shard_sizes),
+                            "placement": str(shard.placement),
+                        }
+                    )
+            tables[table] = {
+                "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel,
+                "ranks": list(ps.ranks) if ps.ranks is not None else None,
+                "shards": shards,
+            }
+        out[module_path] = tables
+    return out
 
-    spec = result.spec
+
+def write_plan_file(
+    path: Path, plan: ShardingPlan, spec: TopologySpec, planner: str, meta: dict[str, Any]
+) -> None:
+    """``plan``, made by ``planner`` for ``spec``, with ``meta`` (config name, tables, ...)."""
     payload = {
         "format": FORMAT,
         "world_size": spec.world_size,
         "local_world_size": spec.devices_per_node,
         "compute_device": spec.device,
         "batch_size_per_rank": spec.batch_size,
-        "planner": result.planner,
+        "planner": planner,
         **meta,
         "topology": spec.model_dump(mode="json"),
-        "plan": plan_to_dict(result.sharding_plan),
+        "plan": plan_to_dict(plan),
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
@@ -95,8 +129,6 @@ def load_plan_file(
         PlanFileError: naming the file and what does not match (world size, device, a missing
             or unknown table, a shape, a rank, a sharding type the device cannot run).
     """
-    from trainer.sharding import CPU_SHARDING_TYPES
-
     where = f"sharding.plan_file {path}"
     meta, plan = read_plan_file(path)
     if meta:

@@ -29,10 +29,10 @@ from torchrec.distributed.planner.types import (
     Topology,
 )
 from torchrec.distributed.types import ShardingPlan
-
-from trainer.config import ExperimentConfig, SparseOptimizerConfig
-from trainer.model import build_train_module
-from trainer.planning.fast import (
+from towerrec.trainer.config import ExperimentConfig, SparseOptimizerConfig
+from towerrec.trainer.model import build_train_module
+from towerrec.trainer.optimizers import apply_sparse_optimizer
+from towerrec.trainer.planning.fast import (
     DEFAULT_TIME_BUDGET_S,
     NoPlanError,
     TooLarge,
@@ -40,8 +40,9 @@ from trainer.planning.fast import (
     fast_plan,
     largest_device,
 )
-from trainer.planning.topology import GB, TopologySpec
-from trainer.sharding import CPU_SHARDING_TYPES, sharders, table_constraints
+from towerrec.trainer.planning.plan_file import CPU_SHARDING_TYPES
+from towerrec.trainer.planning.topology import GB, TopologySpec
+from towerrec.trainer.sharding import sharders, table_constraints
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ class PlanResult:
 def build_module(config: ExperimentConfig, sparse_optimizer: str) -> torch.nn.Module:
     """The real train module on the meta device, with the sparse optimizer attached to the
     tables (its state then counts in TorchRec's storage estimates)."""
-    from trainer.train import apply_sparse_optimizer
-
     module = build_train_module(config, torch.device("meta"))
     apply_sparse_optimizer(module, SparseOptimizerConfig(type=sparse_optimizer))  # type: ignore[arg-type]
     return module

@@ -24,10 +24,10 @@ from torchrec.distributed.planner.constants import BIGINT_DTYPE
 from torchrec.distributed.planner.shard_estimators import _calculate_shard_io_sizes, get_num_poolings
 from torchrec.distributed.planner.stats import IMBALANCE_STAT_MEASURE, _calculate_critical_path
 from torchrec.distributed.planner.types import ShardingOption
-
-from trainer.planning.fast import table_bytes
-from trainer.planning.planner import PlanResult, cpu_note
-from trainer.planning.topology import GB
+from towerrec.trainer.planning.fast import table_bytes
+from towerrec.trainer.planning.plan_file import CPU_SHARDING_TYPES, write_plan_file
+from towerrec.trainer.planning.planner import PlanResult, cpu_note
+from towerrec.trainer.planning.topology import GB
 
 MB = 1024**2
 PERF_FIELDS = ("fwd_compute", "bwd_compute", "fwd_comms", "bwd_comms", "input_dist_comms", "prefetch_compute")
@@ -187,7 +187,6 @@ def compute_figures(result: PlanResult, config_name: str) -> dict[str, Any]:
 
 
 def _offered(result: PlanResult) -> list[str]:
-    from trainer.sharding import CPU_SHARDING_TYPES
 
     if result.spec.device == "cpu":
         return list(CPU_SHARDING_TYPES)
@@ -278,13 +277,11 @@ def write_report(
     result: PlanResult, figures: dict[str, Any], out: Path, plan_meta: dict[str, Any] | None = None
 ) -> list[Path]:
     """plan.json (when it fits), report.json, report.md, memory.png, time.png under ``out``."""
-    from trainer.planning.plan_file import write_plan_file
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
     plan_path = out / "plan.json"
     if result.fits and result.sharding_plan is not None:
-        write_plan_file(plan_path, result, plan_meta or {})
+        write_plan_file(plan_path, result.sharding_plan, result.spec, result.planner, plan_meta or {})
         written.append(plan_path)
     else:  # files of an earlier run must not be mistaken for this one's
         for stale in (plan_path, out / "memory.png", out / "time.png"):
@@ -340,7 +337,7 @@ def _ranks_text(ranks: list[int], devices_per_node: int, world_size: int) -> str
 def markdown(figures: dict[str, Any], charts: list[str]) -> str:
     s = figures["summary"]
     topo = figures["topology"]
-    from trainer.planning.topology import TopologySpec
+    from towerrec.trainer.planning.topology import TopologySpec
 
     spec = TopologySpec.model_validate(topo)
     lines = [f"# Shard plan: {s['config']} on {s['topology']}", ""]

@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
-
-from data.config import StrictModel
+from towerrec.data.config import StrictModel
 
 GB = 1024**3
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -200,7 +199,7 @@ def parse_topologies(spec: str) -> list[TopologySpec]:
 
 
 def _compact(text: str) -> dict[str, Any]:
-    from trainer.config import parse_yaml
+    from towerrec.trainer.config import parse_yaml
 
     raw: dict[str, Any] = {}
     for i, token in enumerate(t.strip() for t in text.split(",")):
@@ -251,7 +250,7 @@ def _from_file(path: Path) -> list[TopologySpec]:
         if path.suffix.lower() == ".json":
             raw = json.loads(text)
         else:
-            from trainer.config import parse_yaml
+            from towerrec.trainer.config import parse_yaml
 
             raw = parse_yaml(text)
     except Exception as e:  # noqa: BLE001 - any parse error is reported with the file name
