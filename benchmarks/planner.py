@@ -70,15 +70,15 @@ def synthetic_config(n_tables: int, n_billion: int = 0, billion_dim: int = 128, 
 
 
 def run(config: Any, planner: str, label: str, topology: str, timeout_s: int | None) -> dict[str, Any]:
-    from torchrec.distributed.planner.stats import _calculate_critical_path
     from towerrec.trainer.planning.planner import plan_config
     from towerrec.trainer.planning.topology import parse_topologies
+    from towerrec.trainer.planning.torchrec_compat import critical_path_ms
 
     spec = parse_topologies(topology)[0]
     start = time.perf_counter()
     result = plan_config(config, spec, planner=planner, torchrec_timeout_s=timeout_s)  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
-    step = _calculate_critical_path(result.best_plan).total() if result.best_plan else None
+    step = critical_path_ms(result.best_plan) if result.best_plan else None
     row = {
         "config": label,
         "planner": planner,

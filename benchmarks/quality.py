@@ -180,7 +180,7 @@ def run_config(
 
 
 def towerrec(*args: str) -> None:
-    cmd = [sys.executable, "-m", "launch.cli", *args]
+    cmd = [sys.executable, "-m", "towerrec.launch.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:

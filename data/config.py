@@ -6,7 +6,7 @@ Example::
       train: data/demo/train/*.parquet
       eval: data/demo/eval/*.parquet
       tables:
-        - {name: user, num_embeddings: 50000, embedding_dim: 16}
+        - {name: user, num_embeddings: 50000, embedding_dim: 16, data_type: fp16}
       sparse_features:
         - {name: user_id, table: user}
         - {name: item_hist, table: item, multi_hot: true, id_mode: hash}
@@ -35,12 +35,18 @@ class StrictModel(BaseModel):
 
 
 class TableConfig(StrictModel):
-    """One embedding table; several sparse features may share it."""
+    """One embedding table; several sparse features may share it.
+
+    ``data_type``: the precision the table's weights are stored and updated in (TorchRec's
+    ``EmbeddingBagConfig.data_type``); ``fp16`` halves the table's memory, and the planner counts
+    it so. Its pooled vectors reach the network in fp32.
+    """
 
     name: str
     num_embeddings: Annotated[int, Field(gt=0)]
     embedding_dim: Annotated[int, Field(gt=0)]
     pooling: Literal["sum", "mean"] = "sum"
+    data_type: Literal["fp32", "fp16"] = "fp32"
 
 
 class SparseFeatureConfig(StrictModel):

@@ -65,6 +65,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 from towerrec.data.config import ready_training_section
+from towerrec.data.files import atomic_output
 
 NUM_BUCKETS = 16
 SPLITS = ("train", "valid", "test")
@@ -212,9 +213,8 @@ def extract_members(archive: Archive, cache: str | None = None) -> list[str]:
                     src = None
                 if src is None:
                     raise DatasetError(f"{tar_path}: has no file {member}")
-                with src, open(target + ".tmp", "wb") as dst:
+                with src, atomic_output(target) as tmp, open(tmp, "wb") as dst:
                     dst.write(src.read())
-                os.replace(target + ".tmp", target)
             paths.append(target)
     return paths
 

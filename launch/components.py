@@ -107,9 +107,10 @@ def train(
         gpu: GPUs per node
         memMB: memory per node in MB
         h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
-        max_restarts: in-place restarts of all ranks by torchrun after a rank fails (training
-            starts over: towerrec.trainer.main does not resume yet)
-        max_retries: scheduler-level retries of the whole job (Volcano maxRetry, slurm requeue)
+        max_restarts: in-place restarts of all ranks by torchrun after a rank fails; each restart
+            resumes from RUN_DIR/checkpoints/latest (``checkpoint.resume: auto``, the default)
+        max_retries: scheduler-level retries of the whole job (Volcano maxRetry, slurm requeue);
+            a retry resumes the same way when RUN_DIR is on storage every node shares
         rdzv_port: c10d rendezvous port on the first node when nnodes > 1 (with one node a free
             port is chosen)
         env: extra environment variables for every node, e.g. LOGLEVEL=INFO,OMP_NUM_THREADS=4

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from towerrec.modules.config import (
     CGCConfig,
     DTNConfig,
@@ -176,6 +176,10 @@ def build_network(
     return builder(config, in_features, task_names, cross=cross) if cross is not None else builder(
         config, in_features, task_names
     )
+
+
+# tables[].data_type -> TorchRec's table precision (weights and fused optimizer update).
+TABLE_DATA_TYPES: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
 def build_embedding_collection(

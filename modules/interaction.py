@@ -1,10 +1,11 @@
 """Feature-interaction (FI) modules for DTN: each maps ``x [B, in_features] -> [B, out_features]``.
 
-Methods (MODELS.md, DTN section), registered by name in :data:`INTERACTIONS`:
+Methods (docs/MODELS.md, DTN section), registered by name in :data:`INTERACTIONS`:
 
 - ``gdcn``: gated cross network, ``c_{l+1} = c_0 ⊙ (W_l c_l + b_l) ⊙ sigmoid(U_l c_l) + c_l``, then Linear.
 - ``masknet``: parallel MaskNet, b blocks of instance-guided masks, concatenated, then an MLP.
-- ``dcnv2``: DCN-v2 cross layers, ``x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l``, then Linear.
+- ``dcnv2``: DCN-v2 cross layers (``torchrec.modules.crossnet.CrossNet``),
+  ``x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l``, then Linear.
 - ``mlp``: a plain MLP, then Linear.
 - ``memonet``: MemoNet-style hashed cross codebook; reads the codebook's pooled codewords besides x
   (``forward(x, cross)``, marked by ``reads_cross = True``).
@@ -16,6 +17,7 @@ from typing import Callable, Dict, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+from torchrec.modules.crossnet import CrossNet
 from towerrec.modules.mlp import MLP
 
 
@@ -50,7 +52,9 @@ class GDCN(nn.Module):
 
 
 class DCNv2(nn.Module):
-    """DCN-v2 cross layers (full-rank W_l) then Linear(-> out_features).
+    """DCN-v2 cross layers (full-rank W_l: TorchRec's ``CrossNet``) then Linear(-> out_features).
+
+    ``CrossNet`` initialises ``W_l`` Xavier-normal and ``b_l`` to zero.
 
     Example::
 
@@ -62,14 +66,11 @@ class DCNv2(nn.Module):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.out_features = out_features
-        self.cross = nn.ModuleList(nn.Linear(in_features, in_features) for _ in range(num_layers))
+        self.cross = CrossNet(in_features, num_layers)
         self.out = nn.Linear(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x
-        for w in self.cross:
-            c = x * w(c) + c
-        return self.out(c)
+        return self.out(self.cross(x))
 
 
 class MaskBlock(nn.Module):

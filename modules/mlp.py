@@ -28,7 +28,7 @@ def activation_layer(name: str) -> nn.Module:
 class MLP(nn.Module):
     """Stack of ``Linear -> activation -> [norm] -> [dropout]`` blocks, one per hidden width.
 
-    Norm comes after the activation, as MODELS.md specifies. With ``hidden=[]`` the MLP is
+    Norm comes after the activation, as docs/MODELS.md specifies. With ``hidden=[]`` the MLP is
     the identity and ``out_features == in_features``.
 
     Args:

@@ -49,6 +49,8 @@ class TrainingConfig(StrictModel):
     ``eval_interval``: evaluate every that many training steps; 0 evaluates at each epoch's end
     only. The last partial batch of every rank is padded with zero-weight rows (see
     ``data.parquet``), so every row is used exactly once and every rank takes the same steps.
+    ``progress_bar``: rank 0's bar with samples/s and ETA (``trainer.progress``); ``auto`` shows
+    it when stderr is a terminal, ``true``/``false`` (or ``on``/``off``) force it.
     """
 
     batch_size: PositiveInt = 512
@@ -62,6 +64,7 @@ class TrainingConfig(StrictModel):
     num_workers: Annotated[int, Field(ge=0)] = 1
     shuffle_buffer: Annotated[int, Field(ge=0)] = 0
     collective_timeout_s: PositiveInt = 600
+    progress_bar: Literal["auto"] | bool = "auto"
 
 
 class TableConstraint(StrictModel):
@@ -88,9 +91,13 @@ class TableConstraint(StrictModel):
 
 
 class ShardingConfig(StrictModel):
-    """``plan_file``: a ``towerrec plan`` plan.json; the run then uses exactly its placement
-    instead of running the planner (checked against the tables and the world size)."""
+    """``planner``: which planner rank 0 runs for the job's topology before anything is
+    allocated (``trainer.sharding``): ``fast`` (the one of ``towerrec plan``) or ``torchrec``
+    (TorchRec's ``EmbeddingShardingPlanner``). ``plan_file``: a ``towerrec plan`` plan.json; the
+    run then uses exactly its placement instead of running a planner (checked against the tables
+    and the world size)."""
 
+    planner: Literal["fast", "torchrec"] = "fast"
     storage_reserve: Annotated[float, Field(ge=0, lt=1)] = 0.15
     constraints: dict[str, TableConstraint] = {}
     plan_file: str | None = None
@@ -131,6 +138,19 @@ class ImportanceConfig(StrictModel):
     batch_size: PositiveInt | None = None
 
 
+def replica_update_fails(data_type: str, sparse_optimizer: str) -> bool:
+    """Whether a data-parallel replica of a ``data_type`` table cannot learn with the sparse
+    optimizer: replicas are updated by torch's (RowWise)Adagrad in the table's precision, whose
+    eps (1e-8) is 0 in fp16, so every row without a gradient becomes 0/0 = NaN. Sharded placements
+    (fbgemm's fused kernels) train fp16 tables with every sparse optimizer.
+
+    Example::
+
+        replica_update_fails("fp16", "rowwise_adagrad")   # True: plan it sharded
+    """
+    return data_type == "fp16" and sparse_optimizer in ("adagrad", "rowwise_adagrad")
+
+
 class ExperimentConfig(StrictModel):
     run_dir: str
     data: DataConfig
@@ -146,6 +166,17 @@ class ExperimentConfig(StrictModel):
         for name in self.sharding.constraints:
             if name not in tables:
                 raise ValueError(f"sharding.constraints.{name}: unknown table; tables: {sorted(tables)}")
+        optimizer = self.training.sparse_optimizer.type
+        for table in self.data.tables:
+            wanted = self.sharding.constraints.get(table.name)
+            only_replicas = wanted is not None and set(wanted.sharding_types or ()) == {"data_parallel"}
+            if only_replicas and replica_update_fails(table.data_type, optimizer):
+                raise ValueError(
+                    f"sharding.constraints.{table.name}.sharding_types: table {table.name!r} is fp16 and "
+                    f"the sparse optimizer {optimizer} cannot update an fp16 data_parallel replica (its "
+                    "eps rounds to 0 in fp16: NaN); allow a sharded type (table_wise, column_wise), or "
+                    f"set data.tables[{table.name}].data_type: fp32, or training.sparse_optimizer.type: sgd"
+                )
         per_task = getattr(self.model, "experts_per_task", None)
         if isinstance(per_task, list) and len(per_task) != len(self.data.tasks):
             raise ValueError(

@@ -109,7 +109,7 @@ class RunEvaluator:
     def source(self) -> dict[str, Any]:
         """Where the weights came from, for reports."""
         return {
-            "run_dir": str(self.run_dir.resolve()),
+            "run_dir": str(self.run_dir),  # as given: reports carry no path of this machine
             "step": self.meta.step,
             "epoch": trained_epoch(self.meta),
             "checkpoint": {

@@ -38,8 +38,9 @@ from, the check tolerance and the towerrec / torch / torchrec / fbgemm_gpu versi
 
 Self-check: the artifact is written to a temporary file, loaded back from it and compared with
 the trained float model on up to ``check_rows`` evaluation rows: per task the largest absolute
-probability difference (all rows) and the AUC change (on the task's sample space). Above the
-tolerance the export fails and the target file is left as it was.
+probability difference (all rows) and the AUC change, both AUCs by the trainer's ``TaskMetrics``
+(the same AUC and sample-space weights as training's evaluation). Above the tolerance the export
+fails and the target file is left as it was.
 """
 
 # No `from __future__ import annotations`: fx copies InferenceModel.forward's annotations into the
@@ -54,16 +55,18 @@ from pathlib import Path
 from typing import Dict, List
 
 import fbgemm_gpu
-import numpy as np
 import torch
 import torch.nn as nn
 from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from towerrec.data.config import resolve_paths
+from towerrec.data.files import atomic_output
 from towerrec.data.parquet import ParquetDataset
 from towerrec.trainer.checkpoint import CheckpointMeta, find_checkpoint, load_model_state, read_meta
 from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.evaluate import single_process_env
+from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import TrainModule, build_train_module
-from towerrec.trainer.predict import SCHEMA_FILE, Artifact, atomic_output, load_artifact
+from towerrec.trainer.predict import SCHEMA_FILE, Artifact, load_artifact
 
 QUANTIZATIONS = {"int8": torch.int8, "fp16": torch.float16, "none": torch.float32}
 
@@ -101,12 +104,12 @@ class TaskCheck:
     max_dp: float
     auc_trained: float
     auc_artifact: float
-    examples: int  # rows in the task's sample space
+    examples: int  # examples in the task's sample space, counted with their row weights (TaskMetrics)
 
     @property
     def dauc(self) -> float:
         d = self.auc_artifact - self.auc_trained
-        return 0.0 if math.isnan(d) else d  # no positives or no negatives in the sample
+        return 0.0 if math.isnan(d) else d  # an undefined AUC (a sample of one class)
 
 
 @dataclass
@@ -252,7 +255,7 @@ def export_model(
         raise ValueError(f"quantize must be one of {sorted(QUANTIZATIONS)}, got {quantize!r}")
     tolerance = tolerance or TOLERANCES[quantize]
     config, module, meta = _load_trained(Path(run_dir), step)
-    source = {"run_dir": str(Path(run_dir).resolve()), "step": meta.step, "epoch": meta.epoch}
+    source = {"run_dir": str(run_dir), "step": meta.step, "epoch": meta.epoch}  # the path as given
     scripted = script(build_inference_model(module, config, quantize))
     schema = make_schema(config, quantize, source, tolerance)
     with atomic_output(out) as tmp:
@@ -262,6 +265,9 @@ def export_model(
         if check_rows <= 0:
             return None
         files = resolve_paths(check_data or list(config.data.eval), "check data")
+        # The reference pools as training's kernels do: fp16 rows summed in fp32 (the artifact
+        # is written already, so its tables keep their trained precision).
+        module.model.ebc.float()
         report = check_artifact(load_artifact(tmp), module, config, files, check_rows, quantize, tolerance)
         if not report.passed:
             raise ExportCheckError(report)
@@ -278,49 +284,41 @@ def check_artifact(
     tolerance: Tolerance,
 ) -> CheckReport:
     """Compare ``artifact`` with the trained float ``module`` on the first ``rows`` rows of ``files``."""
-    dataset = ParquetDataset(files, config.data, batch_size=min(rows, 2048))
+    batch_size = min(rows, 2048)
+    dataset = ParquetDataset(files, config.data, batch_size=batch_size)
     tasks = [t.name for t in config.data.tasks]
-    kept: dict[tuple[str, str], list[torch.Tensor]] = {}  # (what, task) -> per-batch rows
+    # The trainer's own metrics (torchrec's AUC, the sample-space weights), in a group of one.
+    env = single_process_env()
+    metrics = {what: TaskMetrics(tasks, env, batch_size, rows) for what in ("trained", "artifact")}
+    max_dp = dict.fromkeys(tasks, 0.0)
     seen = 0
     module.eval()
     with torch.inference_mode():
         for batch in dataset:
             n = min(batch.real_rows, rows - seen)  # padding rows come last
-            values = {
-                "trained": {t: torch.sigmoid(v) for t, v in module.model(batch.sparse, batch.dense).items()},
-                "artifact": artifact(batch),
-                "label": batch.labels,
-                "weight": module.loss.example_weights(batch.labels, batch.weights),
-            }
-            for what, per_task in values.items():
-                for t in tasks:
-                    kept.setdefault((what, t), []).append(per_task[t][:n].double())
+            labels = {t: batch.labels[t][:n] for t in tasks}
+            weights = {t: w[:n] for t, w in module.loss.example_weights(batch.labels, batch.weights).items()}
+            trained = {t: torch.sigmoid(v[:n]) for t, v in module.model(batch.sparse, batch.dense).items()}
+            served = {t: v[:n] for t, v in artifact(batch).items()}
+            metrics["trained"].update_probabilities(trained, labels, weights)
+            metrics["artifact"].update_probabilities(served, labels, weights)
+            for t in tasks:
+                if n:
+                    dp = (trained[t].double() - served[t].double()).abs().max().item()
+                    max_dp[t] = max(max_dp[t], dp)
             seen += n
             if seen >= rows or n < batch.num_rows:
                 break
     report = CheckReport(quantize, seen, tolerance)
+    trained_metrics, artifact_metrics = metrics["trained"].compute(), metrics["artifact"].compute()
     for t in tasks:
-        p, q, y, w = (torch.cat(kept[what, t]).numpy() for what in ("trained", "artifact", "label", "weight"))
-        space = w > 0  # the task's sample space
         report.tasks[t] = TaskCheck(
-            max_dp=float(np.abs(p - q).max()) if len(p) else 0.0,
-            auc_trained=auc(p[space], y[space]),
-            auc_artifact=auc(q[space], y[space]),
-            examples=int(space.sum()),
+            max_dp=max_dp[t],
+            auc_trained=trained_metrics[t]["auc"],
+            auc_artifact=artifact_metrics[t]["auc"],
+            examples=round(trained_metrics[t]["examples"]),
         )
     return report
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties counted half); NaN without both classes."""
-    order = np.argsort(scores, kind="stable")
-    s, y = scores[order], labels[order] > 0.5
-    positives, negatives = int(y.sum()), int((~y).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    _, first, counts = np.unique(s, return_index=True, return_counts=True)
-    ranks = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank of each tie group
-    return float((ranks[y].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def _load_trained(run_dir: Path, step: int | None) -> tuple[ExperimentConfig, TrainModule, CheckpointMeta]:

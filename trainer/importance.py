@@ -28,6 +28,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+from torchmetrics.functional import spearman_corrcoef
+
 logger = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, float]]
@@ -59,8 +62,8 @@ def average_ranks(values: Sequence[float], descending: bool = True) -> list[floa
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation: Pearson's on average ranks (exact with ties). NaN when either
-    vector is constant, has fewer than 2 values or holds a NaN.
+    """Spearman's rank correlation (``torchmetrics``: Pearson's on average ranks, exact with ties).
+    NaN when either vector is constant, has fewer than 2 values or holds a NaN.
 
     Example::
 
@@ -69,13 +72,12 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """
     if len(x) != len(y):
         raise ValueError(f"spearman: vectors of lengths {len(x)} and {len(y)}")
-    if len(x) < 2 or any(math.isnan(v) for v in [*x, *y]):
+    # torchmetrics adds 1e-6 to the denominator (a relative error below 1e-5 for any vector of
+    # two or more distinct values) and so answers 0 where the correlation is undefined: NaN here.
+    if len(x) < 2 or any(math.isnan(v) for v in [*x, *y]) or len(set(x)) < 2 or len(set(y)) < 2:
         return math.nan
-    rx, ry = average_ranks(x, descending=False), average_ranks(y, descending=False)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else math.nan
+    rho = spearman_corrcoef(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
+    return float(rho)
 
 
 @dataclass

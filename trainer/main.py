@@ -12,13 +12,14 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 import torch.distributed as dist
 from towerrec.data.parquet import DataError
 from towerrec.trainer.checkpoint import CheckpointError
 from towerrec.trainer.config import ConfigError, add_config_arguments, load_config, validate_data
 from towerrec.trainer.distributed import RankFailure, describe_error, init_distributed
+from towerrec.trainer.planning.planner import PlanningError
+from towerrec.trainer.quiet import silence_known_warnings
 from towerrec.trainer.train import train
 
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    silence_known_warnings()
     rank = os.environ.get("RANK", "0")
     # Our loggers at INFO; libraries (fbgemm logs every table at INFO on the root logger) at WARNING.
     logging.basicConfig(
@@ -39,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     logging.getLogger("towerrec").setLevel(logging.INFO)
-    # Deprecation notices from inside fbgemm/torchrec that a user cannot act on.
-    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     try:
         config = load_config(args.config, args.overrides)
         validate_data(config)
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(config.training.collective_timeout_s)
     try:
         train(config, env)
-    except (DataError, RankFailure, CheckpointError) as e:
+    except (DataError, RankFailure, CheckpointError, PlanningError) as e:
         print(f"[rank {env.rank}] error: {describe_error(e)}", file=sys.stderr)
         return 1
     finally:

@@ -4,7 +4,7 @@ Example::
 
     metrics = TaskMetrics(["click", "conversion"], env, batch_size=1024, max_examples=10**6)
     for out in outputs:
-        metrics.update(out.logits, out.labels, out.example_weights)
+        metrics.update(out.logits, out.labels, out.example_weights)   # or update_probabilities(...)
     metrics.compute()  # {"click": {"auc": 0.74, "ne": 0.91, "logloss": 0.45,
                        #            "examples": 40000.0, "positives": 8100.0}, ...}
 
@@ -60,7 +60,16 @@ class TaskMetrics:
         labels: dict[str, torch.Tensor],
         weights: dict[str, torch.Tensor],
     ) -> None:
-        predictions = {t: torch.sigmoid(logits[t].float()).cpu() for t in self.tasks}
+        self.update_probabilities({t: torch.sigmoid(logits[t].float()) for t in self.tasks}, labels, weights)
+
+    def update_probabilities(
+        self,
+        predictions: dict[str, torch.Tensor],
+        labels: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor],
+    ) -> None:
+        """:meth:`update` for a model that outputs probabilities (an exported artifact)."""
+        predictions = {t: predictions[t].float().cpu() for t in self.tasks}
         labels = {t: labels[t].float().cpu() for t in self.tasks}
         weights = {t: weights[t].float().cpu() for t in self.tasks}
         for metric in (self._auc, self._ne):

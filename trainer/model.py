@@ -16,7 +16,7 @@ import torch.nn as nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig
-from towerrec.modules.builders import build_embedding_collection, build_network
+from towerrec.modules.builders import TABLE_DATA_TYPES, build_embedding_collection, build_network
 from towerrec.modules.interaction import CrossShape
 from towerrec.modules.loss import MultiTaskLoss, TaskLossSpec
 from towerrec.modules.multitask import MultiTaskModel, pooled_embedding_width
@@ -81,6 +81,7 @@ def embedding_bag_configs(data: DataConfig) -> list[EmbeddingBagConfig]:
             embedding_dim=table.embedding_dim,
             feature_names=data.table_features(table.name),
             pooling=pooling[table.pooling],
+            data_type=TABLE_DATA_TYPES[table.data_type],
         )
         for table in data.tables
     ]

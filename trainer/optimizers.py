@@ -22,7 +22,7 @@ from towerrec.trainer.config import DenseOptimizerConfig, SparseOptimizerConfig
 from towerrec.trainer.model import TrainModule
 
 # The data-parallel tables' torch optimizers name their state otherwise than fbgemm; checkpoints
-# use fbgemm's names (trainer/checkpoint.py's docstring).
+# use fbgemm's names (trainer/checkpoint/sparse_state.py).
 TORCH_STATE_NAMES: dict[str, dict[str, str]] = {
     "rowwise_adagrad": {"sum": "momentum1"},
     "adagrad": {"sum": "momentum1"},

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig, resolve_paths
+from towerrec.data.files import atomic_output
 from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader
 
 SCHEMA_FILE = "towerrec_schema.json"  # the artifact's schema, a TorchScript extra file
@@ -79,24 +78,6 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     if not extra[SCHEMA_FILE]:
         raise ValueError(f"{path}: not a towerrec artifact (no {SCHEMA_FILE} inside)")
     return Artifact(module.eval(), json.loads(extra[SCHEMA_FILE]))
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed to ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file the usual mode
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def default_passthrough(artifact: Artifact) -> list[str]:
@@ -224,6 +205,9 @@ class _Passthrough:
 
 
 def _predict_rank(model: str, files: list[str], out_dir: str, rank: int, world_size: int, kw: dict) -> int:
+    from towerrec.trainer.quiet import silence_known_warnings
+
+    silence_known_warnings()  # a fresh (spawned) process: the parent's filters do not carry over
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     return predict(model, files, out_dir, rank, world_size, **kw)[1]
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer
 from towerrec.data.batch import Batch
@@ -38,6 +38,7 @@ from towerrec.trainer.optimizers import (
     replicated_tables,
 )
 from towerrec.trainer.planning.plan_file import plan_to_dict
+from towerrec.trainer.progress import TrainProgress
 from towerrec.trainer.sharding import plan_sharding, sharders
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,11 @@ class Trainer:
             + [self.dense_optimizer]
         )
         self.pipeline = TrainPipelineSparseDist(self.model, optimizer, env.device)
+        # Evaluation: TorchRec's eval pipeline, whose loader thread runs lockstep's all_reduce. That
+        # gets a gloo group of its own: on the group of the embedding all-to-alls (the main thread's),
+        # the two threads would order their collectives differently on each rank.
+        self.eval_pipeline = EvalPipelineSparseDist(self.model, optimizer, env.device)
+        self.eval_group = dist.new_group(backend="gloo")
         self.task_names = [t.name for t in config.data.tasks]
         eval_examples = self.eval_set.steps_per_epoch() * training.batch_size * env.world_size
         self.metrics = TaskMetrics(self.task_names, env, training.batch_size, eval_examples)
@@ -197,9 +203,9 @@ class Trainer:
                     placement["compute_kernel"],
                 )
 
-    def _batches(self, dataset: ParquetDataset) -> Iterator[Batch]:
+    def _batches(self, dataset: ParquetDataset, group: dist.ProcessGroup | None = None) -> Iterator[Batch]:
         loader = make_dataloader(dataset, self.config.training.num_workers)
-        return lockstep(iter(loader), self.env.cpu_group)
+        return lockstep(iter(loader), group if group is not None else self.env.cpu_group)
 
     def evaluate(
         self, epoch: int, dataset: ParquetDataset | None = None, record: bool = True
@@ -212,9 +218,15 @@ class Trainer:
         dataset = dataset if dataset is not None else self.eval_set
         self.model.eval()
         self.metrics.reset()
-        with torch.no_grad():
-            for out in _run_phase(self.pipeline, self._batches(dataset)):
-                self.metrics.update(out.logits, out.labels, out.example_weights)
+        self.pipeline.detach()  # the pipelines take turns rewriting the sharded modules' forwards
+        self.eval_pipeline.attach(self.model)
+        try:
+            with torch.no_grad():
+                for out in _run_phase(self.eval_pipeline, self._batches(dataset, self.eval_group)):
+                    self.metrics.update(out.logits, out.labels, out.example_weights)
+        finally:
+            self.eval_pipeline.detach()
+            self.eval_pipeline.reset()  # stops its loader thread; training re-attaches on its next step
         self.model.train()
         result = self.metrics.compute()
         if not record:
@@ -247,7 +259,9 @@ class Trainer:
             segments.append((length, remaining == 0 or at_eval))
         return segments
 
-    def train_segment(self, batches: Iterator[Batch], length: int, epoch: int) -> None:
+    def train_segment(
+        self, batches: Iterator[Batch], length: int, epoch: int, progress: TrainProgress | None = None
+    ) -> None:
         training = self.config.training
         samples_per_step = training.batch_size * self.env.world_size
         window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
@@ -255,6 +269,8 @@ class Trainer:
             self.step += 1
             window_steps += 1
             window_loss += float(out.loss)
+            if progress is not None:
+                progress.advance()
             if self.step % training.log_interval == 0:
                 elapsed = time.perf_counter() - window_start
                 values = {
@@ -286,23 +302,32 @@ class Trainer:
         # A resumed run continues at its checkpoint's batch of its epoch (trainer.checkpoint).
         final: dict[str, dict[str, float]] = self.resumed.eval_metrics if self.resumed else {}
         epoch, batch = (self.resumed.epoch, self.resumed.batch) if self.resumed else (0, 0)
-        while epoch < training.epochs:
-            segments = self._segments(steps_per_epoch - batch)
-            if not segments:
-                break
-            self.loss.set_epoch(epoch)
-            self.train_set.set_epoch(epoch, start_batch=batch)
-            batches = self._batches(self.train_set)
-            for length, evaluate in segments:
-                self.train_segment(batches, length, epoch)
-                batch += length
-                if evaluate:
-                    final = self.evaluate(epoch)
-                self.checkpoints.maybe_save(self.step, epoch, batch, final)
-            _close(batches)
-            if batch < steps_per_epoch:  # stopped by max_steps
-                break
-            epoch, batch = epoch + 1, 0
+        planned = training.epochs * steps_per_epoch
+        progress = TrainProgress(
+            training.progress_bar,
+            self.env.is_main,
+            total_steps=min(planned, training.max_steps or planned),
+            done_steps=self.step,
+            samples_per_step=training.batch_size * self.env.world_size,
+        )
+        with progress:
+            while epoch < training.epochs:
+                segments = self._segments(steps_per_epoch - batch)
+                if not segments:
+                    break
+                self.loss.set_epoch(epoch)
+                self.train_set.set_epoch(epoch, start_batch=batch)
+                batches = self._batches(self.train_set)
+                for length, evaluate in segments:
+                    self.train_segment(batches, length, epoch, progress)
+                    batch += length
+                    if evaluate:
+                        final = self.evaluate(epoch)
+                    self.checkpoints.maybe_save(self.step, epoch, batch, final)
+                _close(batches)
+                if batch < steps_per_epoch:  # stopped by max_steps
+                    break
+                epoch, batch = epoch + 1, 0
         self.checkpoints.save_final(self.step, epoch, batch, final)
         self.recorder.write_json("eval_metrics.json", final)
         if self.config.importance.enabled:
@@ -324,7 +349,7 @@ class Trainer:
             return self.evaluate(0, ev.with_permutation(field), record=False)
 
         fields = self.config.data.sparse_feature_names
-        source = {"run_dir": str(Path(self.config.run_dir).resolve()), "step": self.step, "data": ev.files}
+        source = {"run_dir": self.config.run_dir, "step": self.step, "data": ev.files}  # paths as given
         result = permutation_importance(evaluate, fields, baseline, source)
         if self.env.is_main:
             paths = write_importance(result, Path(self.config.run_dir) / "importance")

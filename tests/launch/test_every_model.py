@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 
 import pytest
@@ -40,7 +39,10 @@ def test_model_trains_through_torchx_on_two_processes(name, synth_data, tmp_path
         data["tasks"] = [data["tasks"][0]]
     run_dir = tmp_path / "run"
     config.update(model=MODELS[name], run_dir=str(run_dir), checkpoint={"enabled": False})
-    config["training"].update(batch_size=256, max_steps=6, eval_interval=0, num_workers=0)
+    # 30 steps of 2 x 256 rows with raised learning rates: enough to learn, not only to run.
+    config["training"].update(batch_size=256, max_steps=30, eval_interval=0, num_workers=0)
+    config["training"]["dense_optimizer"]["lr"] = 0.01
+    config["training"]["sparse_optimizer"]["lr"] = 0.2
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run(
@@ -50,7 +52,7 @@ def test_model_trains_through_torchx_on_two_processes(name, synth_data, tmp_path
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())
     assert set(metrics) == {t["name"] for t in data["tasks"]}
-    assert all(math.isfinite(m["auc"]) and m["examples"] > 0 for m in metrics.values())
+    assert all(m["auc"] > 0.6 for m in metrics.values()), metrics  # learned: chance is 0.5
     assert metrics["click"]["examples"] == 4000  # every eval row once (conversion: the clicked ones)
     plan = json.loads((run_dir / "sharding_plan.json").read_text())
     tables = {table for module in plan.values() for table in module}

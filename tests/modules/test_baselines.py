@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -208,11 +207,15 @@ SMOKE_MODELS = {
 
 
 @pytest.mark.parametrize("kind", sorted(SMOKE_MODELS))
-def test_trains_for_real(synth_data: Path, tmp_path: Path, kind: str):
+def test_learns_on_learnable_data(synth_data: Path, tmp_path: Path, kind: str):
+    """40 steps of 256 rows (10,240 of the 16,000 rows) with raised learning rates: both tasks'
+    eval AUC well above chance (measured 0.69-0.71 click, 0.64-0.68 conversion; chance is 0.5)."""
     overrides = [
         f"run_dir={tmp_path / 'run'}",
-        "training.max_steps=5",
+        "training.max_steps=40",
         "training.batch_size=256",
+        "training.dense_optimizer.lr=0.01",
+        "training.sparse_optimizer.lr=0.2",
         "checkpoint.enabled=false",
         "training.num_workers=0",
         f"model={SMOKE_MODELS[kind]}",
@@ -220,5 +223,4 @@ def test_trains_for_real(synth_data: Path, tmp_path: Path, kind: str):
     [(status, final)] = run_on_ranks(_fit, 1, args=(str(synth_data / "config.yaml"), overrides))
     assert status == "ok", final
     assert set(final) == {"click", "conversion"}
-    for metrics in final.values():
-        assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert final["click"]["auc"] > 0.65 and final["conversion"]["auc"] > 0.6, final

@@ -11,7 +11,15 @@ from config_utils import write_config
 from towerrec.modules.builders import build_network
 from towerrec.modules.config import DTNConfig
 from towerrec.modules.dtn import DTN, GatingNetwork, dependency_order
-from towerrec.modules.interaction import GDCN, INTERACTIONS, CrossShape, MaskBlock, MaskNet, build_interaction
+from towerrec.modules.interaction import (
+    GDCN,
+    INTERACTIONS,
+    CrossShape,
+    DCNv2,
+    MaskBlock,
+    MaskNet,
+    build_interaction,
+)
 from towerrec.trainer.config import ConfigError, load_config
 
 TASKS = ["click", "conversion", "like"]
@@ -46,16 +54,51 @@ def test_gdcn_one_layer_matches_hand_computation():
     assert c1[0, 0].item() == pytest.approx(-0.9 / (1 + math.exp(-2.0)) + 1)
 
 
-def test_masknet_block_and_module_shapes():
+def test_dcnv2_is_the_full_rank_cross_formula():
+    """TorchRec's CrossNet computes our DCN-v2: ``x_{l+1} = x_0 * (W_l x_l + b_l) + x_l``."""
     torch.manual_seed(0)
-    block = MaskBlock(6, block_width=4)
-    x = torch.randn(5, 6)
-    mask = block.mask(x)
-    assert mask.shape == (5, 6)  # the mask has the width of x
-    torch.testing.assert_close(block(x), torch.relu(block.norm(block.hidden(x * mask))))
-    assert block(x).shape == (5, 4) and (block(x) >= 0).all()
-    net = MaskNet(6, 7, num_blocks=3, block_width=4, hidden=[8, 8])
-    assert len(net.blocks) == 3 and net.mlp.in_features == 12 and net(x).shape == (5, 7)
+    dcn = DCNv2(3, 2, num_layers=2)
+    w = [torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 0.0], [0.5, 0.5, 0.5]]), torch.eye(3) * 0.5]
+    b = [torch.tensor([0.1, 0.2, -0.3]), torch.tensor([0.0, 1.0, 0.0])]
+    with torch.no_grad():
+        for layer in range(2):
+            dcn.cross.kernels[layer].copy_(w[layer])
+            dcn.cross.bias[layer].copy_(b[layer].unsqueeze(1))
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+    c1 = x * (x @ w[0].T + b[0]) + x
+    c2 = x * (c1 @ w[1].T + b[1]) + c1
+    torch.testing.assert_close(dcn(x), c2 @ dcn.out.weight.T + dcn.out.bias)
+    # one entry by hand: 1 * (1 - 2 + 0.1) + 1
+    assert c1[0, 0].item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="num_layers must be >= 1"):
+        DCNv2(3, 2, num_layers=0)
+
+
+def test_masknet_block_is_the_instance_guided_mask_formula():
+    """``h = ReLU(LayerNorm(W3 (x * (W2 ReLU(W1 x + c1) + c2))))``, written out with the weights."""
+    torch.manual_seed(0)
+    block = MaskBlock(3, block_width=2)
+    w1 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, -1.0]])
+    w2, c1, c2 = torch.eye(3) * 2.0, torch.tensor([0.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    w3 = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, 1.0]])
+    with torch.no_grad():
+        block.mask[0].weight.copy_(w1)
+        block.mask[0].bias.copy_(c1)
+        block.mask[2].weight.copy_(w2)
+        block.mask[2].bias.copy_(c2)
+        block.hidden.weight.copy_(w3)
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+    mask = torch.relu(x @ w1.T + c1) @ w2.T + c2
+    # the mask has the width of x; by hand for row 0: relu([1, 1, 4.5]) * 2 + [1, 0, 0]
+    torch.testing.assert_close(mask[0], torch.tensor([3.0, 2.0, 9.0]))
+    z = (x * mask) @ w3.T  # row 0: [3, 4, -9] @ w3.T = [-5.5, -1]
+    torch.testing.assert_close(z[0], torch.tensor([-5.5, -1.0]))
+    normed = (z - z.mean(1, keepdim=True)) / torch.sqrt(z.var(1, unbiased=False, keepdim=True) + 1e-5)
+    expected = torch.relu(normed)  # LayerNorm's own scale 1 and shift 0 at initialisation
+    torch.testing.assert_close(block(x), expected)
+    assert block.hidden.bias is None  # LayerNorm carries the bias
+    net = MaskNet(3, 7, num_blocks=3, block_width=4, hidden=[8, 8])
+    assert net.mlp.in_features == 12 and net(x).shape == (2, 7)  # 3 blocks of width 4, concatenated
     assert isinstance(MaskNet(6, 8, block_width=4, hidden=[8]).out, torch.nn.Identity)  # already width d
 
 
@@ -220,16 +263,12 @@ MODEL = {
 def test_config_parses_and_builds(tmp_path: Path):
     config = load_config(write_config(tmp_path, MODEL))
     assert config.model.model_dump(include=set(MODEL)) == MODEL
-    assert config.model.tsn_detach and config.model.instances_per_method == 1
     net = build_network(config.model, in_features=10, task_names=["click", "conversion"])
     assert isinstance(net, DTN) and net.dependencies == {"conversion": "click"} and net.combine == "sum"
     assert [type(m).__name__ for m in net.shared_group] == ["GDCN", "MaskNet", "DCNv2"]
     assert net.towers["click"].mlp.in_features == 8
     out = net(torch.randn(2, 10))
     assert set(out) == {"click", "conversion"} and out["click"].shape == (2,)
-    defaults = DTNConfig(type="dtn")
-    assert defaults.methods == ["gdcn", "masknet"] and defaults.module_width == 256
-    assert defaults.combine == "concat" and defaults.gate_selector == "input" and defaults.dependencies == {}
 
 
 @pytest.mark.parametrize(

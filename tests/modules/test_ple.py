@@ -1,4 +1,4 @@
-"""PLE / CGC structure, against the MODELS.md traps."""
+"""PLE / CGC structure, against the traps docs/MODELS.md lists."""
 
 import types
 

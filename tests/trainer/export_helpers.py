@@ -4,7 +4,6 @@ once per test session, in a spawned one-rank job), and a checkpoint writer for u
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +57,36 @@ def exported(synth_data: Path, quantize: str = "int8") -> tuple[Path, Any]:
 def write_checkpoint(run_dir: Path, config: Any, module: Any, step: int = 1) -> None:
     """A plain module's weights in trainer.checkpoint's layout (``model`` entry, meta.json, latest)."""
     import torch.distributed.checkpoint as dcp
+    from towerrec.trainer.checkpoint.meta import CheckpointMeta, DataLayout, DataPosition
 
     name = f"step-{step:08d}"
     directory = run_dir / "checkpoints" / name
     dcp.save({"model": module.state_dict()}, checkpoint_id=str(directory))
-    meta = {"step": step, "epoch": 0, "config": config.model_dump(mode="json"), "plan": {}}
-    (directory / "meta.json").write_text(json.dumps(meta))
+    layout = DataLayout(
+        world_size=1,
+        batch_size=config.training.batch_size,
+        num_workers=0,
+        shuffle_buffer=0,
+        shuffle_row_groups=False,
+        seed=0,
+        steps_per_epoch=1,
+        files=[],
+    )
+    CheckpointMeta(
+        format=1,
+        step=step,
+        epoch=0,
+        batch_in_epoch=0,
+        world_size=1,
+        config=config.model_dump(mode="json"),
+        plan={},
+        tables={},  # no table check on load
+        sparse_optimizer=config.training.sparse_optimizer.type,
+        dense_optimizer=config.training.dense_optimizer.type,
+        data=layout,
+        data_position=DataPosition(epoch=0, batch=0, batches_per_worker=[0]),
+        eval_metrics={},
+        saved_at="",
+        versions={},
+    ).write(directory)
     (run_dir / "checkpoints" / "latest").write_text(name)

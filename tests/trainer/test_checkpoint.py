@@ -170,6 +170,33 @@ def _copy_run(source: Path, target: Path) -> Path:
     return target
 
 
+def _read_sparse_state(step_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every table's saved optimizer state, whole, in this process: row-wise state as
+    ``[column shards, rows]`` (shard order: meta.json ``tables.<t>.column_groups``), point-wise
+    state as ``[rows, dim]``."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from towerrec.trainer.checkpoint import read_meta, verify_files
+
+    metadata = verify_files(step_dir)
+    meta = read_meta(step_dir)
+    state: dict[str, dict[str, Any]] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        parts = key.split(".")
+        if parts[:2] == ["optim", "sparse"] and isinstance(md, TensorStorageMetadata):
+            state.setdefault(parts[2], {})[".".join(parts[3:])] = torch.empty(
+                md.size, dtype=md.properties.dtype
+            )
+    dcp.load({"optim": {"sparse": state}}, checkpoint_id=str(step_dir), no_dist=True)
+    for table, states in state.items():
+        rows = meta.tables[table].num_embeddings
+        for name, value in states.items():
+            if value.dim() == 1:
+                states[name] = value.view(-1, rows)
+    return state
+
+
 def _resume_and_compare(
     rank: int, world_size: int, config_path: str, run_dir: str, overrides: list[str], expect: dict[str, str]
 ) -> dict[str, Any]:
@@ -177,7 +204,7 @@ def _resume_and_compare(
     optimizer state with the checkpoint, read back whole in this process; train 2 more steps."""
     import torch
     from torch.distributed._shard.sharded_tensor import ShardedTensor
-    from towerrec.trainer.checkpoint import find_checkpoint, load_model_state, read_meta, read_sparse_state
+    from towerrec.trainer.checkpoint import find_checkpoint, load_model_state, read_meta
     from towerrec.trainer.config import load_config
     from towerrec.trainer.distributed import init_distributed
     from towerrec.trainer.model import build_train_module
@@ -193,8 +220,8 @@ def _resume_and_compare(
     saved = build_train_module(config, torch.device("cpu"))
     load_model_state(run_dir, 4, saved)
     weights = saved.state_dict()
-    groups = {t: m["column_groups"] for t, m in read_meta(step_dir).tables.items()}
-    raw = {t: s["momentum1"].numpy() for t, s in read_sparse_state(step_dir).items()}  # [groups, rows]
+    groups = {t: m.column_groups for t, m in read_meta(step_dir).tables.items()}
+    raw = {t: s["momentum1"].numpy() for t, s in _read_sparse_state(step_dir).items()}  # [groups, rows]
     plan = plan_to_dict(trainer.model.plan)["model.ebc"]
     report: dict[str, Any] = {"placement": {t: p["sharding_type"] for t, p in plan.items()}, "weights": {}}
     for key, value in trainer.model.state_dict().items():
@@ -473,11 +500,20 @@ def test_resume_settings_and_a_foreign_checkpoint_stop_the_run(
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _torchrun(config: Path, overrides: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def _torchrun(
+    config: Path, overrides: list[str], log: Path, pause: tuple[int, float] | None = None
+) -> subprocess.Popen:
+    """``towerrec.trainer.main`` on 2 ranks; ``pause=(step, seconds)``: every rank sleeps inside
+    the save of ``step`` (tests/trainer/paused_save_main.py)."""
     from dist_utils import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(free_port()), "-m", "towerrec.trainer.main", "--config", str(config)]
+    cmd += ["--master_port", str(free_port())]
+    if pause is None:
+        cmd += ["-m", "towerrec.trainer.main"]
+    else:
+        cmd += [str(Path(__file__).with_name("paused_save_main.py")), *map(str, pause)]
+    cmd += ["--config", str(config)]
     for override in overrides:
         cmd += ["--set", override]
     with open(log, "w") as out:
@@ -486,7 +522,6 @@ def _torchrun(config: Path, overrides: list[str], log: Path, env: dict[str, str]
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
             start_new_session=True,
         )
 
@@ -515,7 +550,8 @@ def _kill_tree(pid: int) -> None:
 def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
     synth_data: Path, tmp_path: Path
 ) -> None:
-    from towerrec.trainer.checkpoint import PAUSE_ENV, load_model_state
+    from paused_save_main import PAUSED
+    from towerrec.trainer.checkpoint import load_model_state
 
     run_dir = tmp_path / "run"
     overrides = [
@@ -526,10 +562,10 @@ def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
     ]
     log = tmp_path / "killed.log"
     # Both ranks sleep inside the save of step 6, after writing their data, before DCP's index.
-    proc = _torchrun(synth_data / "config.yaml", overrides, log, {PAUSE_ENV: "6:120"})
+    proc = _torchrun(synth_data / "config.yaml", overrides, log, pause=(6, 120))
     try:
         deadline = time.monotonic() + 120
-        while log.read_text().count("test pause inside the save of step 6") < 2:
+        while log.read_text().count(f"{PAUSED} 6") < 2:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the save of step 6 never started"
             time.sleep(0.2)
@@ -546,7 +582,7 @@ def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
 
     # Restarted in the same run directory, the run resumes from step 3 and finishes.
     log = tmp_path / "resumed.log"
-    proc = _torchrun(synth_data / "config.yaml", overrides + ["checkpoint.keep_last=2"], log, {})
+    proc = _torchrun(synth_data / "config.yaml", overrides + ["checkpoint.keep_last=2"], log)
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "step-00000006.tmp, left by an interrupted save" in text

@@ -99,7 +99,7 @@ def test_cli_prints_and_writes_json_with_step_and_epoch(
 
 def test_trained_epoch_of_an_epoch_boundary_checkpoint() -> None:
     def meta(epoch: int, batch: int) -> CheckpointMeta:
-        return CheckpointMeta(Path("x"), 64, epoch, batch, 1, {}, {}, {}, {}, {}, {})
+        return CheckpointMeta.model_construct(step=64, epoch=epoch, batch_in_epoch=batch)
 
     assert trained_epoch(meta(0, 10)) == 0
     assert trained_epoch(meta(1, 32)) == 1

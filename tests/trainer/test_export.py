@@ -8,35 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from dist_utils import run_on_ranks
 from export_helpers import exported, trained_run, write_checkpoint
 from towerrec.data.synth import synthetic_config
 from towerrec.trainer import export
 from towerrec.trainer.config import ExperimentConfig
-from towerrec.trainer.export import TOLERANCES, ExportCheckError, auc, export_model
+from towerrec.trainer.export import TOLERANCES, ExportCheckError, export_model
 from towerrec.trainer.model import build_train_module
 from towerrec.trainer.predict import load_artifact
-
-
-def test_auc_is_the_pairwise_definition() -> None:
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 5, 200).astype(float)  # many ties
-    labels = rng.integers(0, 2, 200)
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    assert auc(scores, labels) == pytest.approx(pairs.mean(), abs=1e-12)
-    assert np.isnan(auc(scores, np.zeros(200)))
 
 
 @pytest.mark.parametrize("quantize", ["int8", "fp16", "none"])
 def test_artifact_matches_trained_model_within_tolerance(synth_data: Path, quantize: str) -> None:
     _, report = exported(synth_data, quantize)
     assert report.passed and report.rows == 4000
-    # The check reproduces the trainer's own eval AUC (torchrec.metrics) of a model that learned.
+    # The check computes AUC with the trainer's TaskMetrics: it reproduces the trainer's eval AUC.
     trained = json.loads((trained_run(synth_data) / "eval_metrics.json").read_text())
     for name, task in report.tasks.items():
         assert task.auc_trained == pytest.approx(trained[name]["auc"], abs=1e-4)
@@ -185,3 +175,54 @@ def test_dtn_with_cross_codebook_exports_as_the_float_model(synth_data: Path, tm
     assert report is not None and all(t.max_dp < 1e-5 for t in report.tasks.values())
     schema = load_artifact(tmp_path / "m.pt").schema["data"]
     assert schema["cross"] == {"table": "codebook", "fields": raw["data"]["cross"]["fields"], "num_hashes": 2}
+
+
+def _train_relative(rank: int, world_size: int, overrides: list[str]) -> int:
+    from towerrec.trainer.config import load_config
+    from towerrec.trainer.distributed import init_distributed
+    from towerrec.trainer.train import Trainer
+
+    trainer = Trainer(load_config("config.yaml", overrides), init_distributed())
+    trainer.fit()
+    return trainer.step
+
+
+def test_run_files_and_artifact_carry_no_path_of_the_machine(
+    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given relative paths, what a run writes (config, plan, metrics, checkpoint meta, importance),
+    what evaluation reports and what an artifact's schema holds name them as given: nothing of
+    this machine's directory tree, so run directories and docs can move and be committed."""
+    from towerrec.trainer.evaluate import RunEvaluator, evaluation_report
+
+    monkeypatch.chdir(tmp_path)  # the spawned rank starts here too
+    (tmp_path / "data").symlink_to(synth_data)
+    (tmp_path / "config.yaml").write_text((synth_data / "config.yaml").read_text())
+    overrides = [
+        "run_dir=run",
+        "data.train=data/train",
+        "data.eval=data/eval/*.parquet",
+        "training.batch_size=512",
+        "training.max_steps=4",
+        "training.num_workers=0",
+        "importance.enabled=true",
+    ]
+    [(status, step)] = run_on_ranks(_train_relative, 1, args=(overrides,))
+    assert status == "ok", step
+    export_model("run", "model.pt", quantize="none", check_rows=512)
+    evaluator = RunEvaluator("run")
+    written = {
+        "model.pt schema": json.dumps(load_artifact("model.pt").schema),
+        "evaluate report": json.dumps(evaluation_report(evaluator, ["data/eval/part-00000.parquet"], {})),
+    }
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and (path.suffix in {".json", ".jsonl", ".yaml", ".md"} or path.name == "latest"):
+            written[str(path.relative_to(tmp_path))] = path.read_text()
+    assert {"run/config.yaml", "run/metrics.jsonl", "run/importance/importance.json"} <= set(written)
+    assert any(name.endswith("meta.json") for name in written)
+    machine = [str(tmp_path), str(tmp_path.resolve()), str(synth_data), str(synth_data.resolve())]
+    for name, text in written.items():
+        assert not [m for m in machine if m in text], name
+    assert json.loads(written["run/importance/importance.json"])["run_dir"] == "run"
+    assert load_artifact("model.pt").schema["source"]["run_dir"] == "run"
+    assert evaluator.source()["run_dir"] == "run"

@@ -33,7 +33,7 @@ def test_help(capsys: pytest.CaptureFixture, command: str, options: list[str]) -
 
 def test_help_stays_light() -> None:
     code = (
-        "import sys; from launch import cli\n"
+        "import sys; from towerrec.launch import cli\n"
         "for c in ('export', 'predict'):\n"
         "    try: cli.main([c, '--help'])\n"
         "    except SystemExit: pass\n"

@@ -37,7 +37,8 @@ def test_spearman_on_known_vectors() -> None:
     assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8207826816681233)  # scipy's value
     # ties: ranks [1, 2.5, 2.5, 4] and [1, 2, 3, 4]: Pearson of the ranks
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant: undefined
+    assert spearman([1, 2], [2, 1]) == pytest.approx(-1.0, rel=1e-5)  # torchmetrics' epsilon: < 1e-5
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant: undefined (torchmetrics says 0)
     assert math.isnan(spearman([1], [2]))
     assert math.isnan(spearman([1, math.nan], [1, 2]))
     with pytest.raises(ValueError, match="lengths 2 and 3"):

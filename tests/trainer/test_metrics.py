@@ -68,3 +68,19 @@ def test_metrics_match_hand_computation_over_all_ranks() -> None:
         got, want = results[0][1][task], reference(task)
         for name in ("auc", "logloss", "ne", "examples", "positives"):
             assert math.isclose(got[name], want[name], rel_tol=1e-5), (task, name, got, want)
+
+
+def test_probabilities_give_the_same_metrics_as_logits_in_a_group_of_one() -> None:
+    """``update_probabilities`` (an exported artifact's outputs) is ``update`` after the sigmoid."""
+    from towerrec.trainer.evaluate import single_process_env
+    from towerrec.trainer.metrics import TaskMetrics
+
+    logits, labels, weights = make_rank_data(0)
+    by_logits, by_probabilities = (TaskMetrics(["t"], single_process_env(), 64, 3 * 64) for _ in range(2))
+    for step in range(3):
+        by_logits.update({"t": logits[step]}, {"t": labels[step]}, {"t": weights[step]})
+        by_probabilities.update_probabilities(
+            {"t": torch.sigmoid(logits[step])}, {"t": labels[step]}, {"t": weights[step]}
+        )
+    got, want = by_probabilities.compute()["t"], by_logits.compute()["t"]
+    assert got == want and 0.7 < got["auc"] < 1.0 and got["examples"] == 3 * 64 - 20

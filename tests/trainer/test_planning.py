@@ -128,8 +128,12 @@ def test_topology_file_error_names_file_and_entry(tmp_path: Path) -> None:
 
 
 def _planning_inputs(config: ExperimentConfig, spec: TopologySpec):
-    from towerrec.trainer.planning.planner import _quiet_reservation, build_module
-    from towerrec.trainer.sharding import sharders, table_constraints
+    from towerrec.trainer.planning.planner import (
+        _quiet_reservation,
+        build_module,
+        sharders,
+        table_constraints,
+    )
 
     spec = spec.resolved(config.training.batch_size, 0.15, "rowwise_adagrad")
     module = build_module(config, "rowwise_adagrad")
@@ -141,8 +145,8 @@ def _planning_inputs(config: ExperimentConfig, spec: TopologySpec):
 
 def test_shared_estimates_equal_torchrec_enumerator_shard_by_shard() -> None:
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-    from towerrec.trainer.planning.fast import enumerate_options
-    from towerrec.trainer.sharding import sharders
+    from towerrec.trainer.planning.enumeration import enumerate_options
+    from towerrec.trainer.planning.planner import sharders
 
     config = config_of(MIXED)
     module, topology, reserved, constraints, batch = _planning_inputs(
@@ -167,8 +171,8 @@ def test_shared_estimates_equal_torchrec_enumerator_shard_by_shard() -> None:
 
 def test_fast_planner_is_no_worse_than_torchrec_default_planner() -> None:
     from torchrec.distributed.planner.planners import validate_rank_assignment
-    from torchrec.distributed.planner.stats import _calculate_critical_path
     from towerrec.trainer.planning.planner import plan_config
+    from towerrec.trainer.planning.torchrec_compat import critical_path_ms
 
     config = config_of(MIXED + [(f"t{i}", 10_000 * (i + 1), 32) for i in range(6)])
     spec = parse_topologies("2x4xA100-40GB")[0]
@@ -176,7 +180,7 @@ def test_fast_planner_is_no_worse_than_torchrec_default_planner() -> None:
     default = plan_config(config, spec, planner="torchrec")
     assert fast.fits and default.fits
     # TorchRec's estimated step (critical path) and its planner's objective (slowest rank)
-    step = {r.planner: _calculate_critical_path(r.best_plan).total() for r in (fast, default)}
+    step = {r.planner: critical_path_ms(r.best_plan) for r in (fast, default)}
     assert step["fast"] <= step["torchrec"] * (1 + 1e-9), step
     assert fast.rating_ms <= default.rating_ms * (1 + 1e-9), (fast.rating_ms, default.rating_ms)
     validate_rank_assignment(fast.sharding_plan, fast.topology)
@@ -199,10 +203,10 @@ def _free_after(result):
 
 
 def test_cpu_topology_offers_only_what_torchrec_runs_on_cpu(tmp_path: Path) -> None:
-    from towerrec.trainer.planning.fast import enumerate_options
-    from towerrec.trainer.planning.planner import plan_config
-    from towerrec.trainer.planning.report import compute_figures, markdown
-    from towerrec.trainer.sharding import sharders
+    from towerrec.trainer.planning.enumeration import enumerate_options
+    from towerrec.trainer.planning.figures import compute_figures
+    from towerrec.trainer.planning.planner import plan_config, sharders
+    from towerrec.trainer.planning.render import markdown
 
     config = config_of(MIXED)
     spec = parse_topologies("1x4xCPU-16GB")[0]
@@ -281,6 +285,30 @@ def test_adagrad_state_counts_as_much_as_the_table(tmp_path: Path) -> None:
         plan_config(config, parse_topologies("1x1xCPU-1.5GB,sparse_optimizer=adagrad")[0])
 
 
+def test_fp16_table_counts_half_the_memory_in_plan_report_and_fit_check() -> None:
+    from towerrec.trainer.planning.figures import compute_figures
+    from towerrec.trainer.planning.planner import TableTooLargeError, plan_config
+
+    def config(data_type: str) -> ExperimentConfig:
+        raw = raw_config([("big", 4_000_000, 64)])
+        raw["data"]["tables"][0]["data_type"] = data_type
+        return ExperimentConfig.model_validate(raw)
+
+    spec = parse_topologies("1x2xCPU-8GB,sparse_optimizer=adagrad")[0]
+    fp32, fp16 = (compute_figures(plan_config(config(t), spec), t) for t in ("fp32", "fp16"))
+    [t32], [t16] = fp32.tables, fp16.tables
+    assert t32.weights_bytes == 4_000_000 * 64 * 4 == 2 * t16.weights_bytes
+    assert t32.bytes_with_optimizer == 2 * t16.bytes_with_optimizer  # adagrad: state as the weights
+    # TorchRec's storage estimate (what placement and the memory check read): half, but for the
+    # per-batch input/output buffers
+    assert t16.ddr_bytes == pytest.approx(t32.ddr_bytes / 2, rel=0.01)
+    # the fit check: 1.9 GB with adagrad state does not fit 1.5 GB, fp16's 0.95 GB does
+    small = parse_topologies("1x1xCPU-1.5GB,sparse_optimizer=adagrad")[0]
+    with pytest.raises(TableTooLargeError, match=r"1.9 GB with its adagrad state"):
+        plan_config(config("fp32"), small)
+    assert plan_config(config("fp16"), small).fits
+
+
 # -------------------------------------------------------------------------------- command, files
 
 
@@ -352,7 +380,7 @@ def test_several_topologies_without_compare_is_a_usage_error(tmp_path: Path) -> 
 def test_plan_help_is_fast_and_imports_no_torch() -> None:
     script = (
         "import sys, contextlib, io\n"
-        "from launch import cli\n"
+        "from towerrec.launch import cli\n"
         "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
         "    try: cli.main(['plan', '--help'])\n"
         "    except SystemExit: pass\n"

@@ -153,3 +153,33 @@ def test_bad_row_stops_every_rank_with_a_named_error(synth_data: Path, tmp_path:
     assert "Original Traceback" not in err
     assert "[rank 0] error: RankFailure: input failed on 1 of 2 ranks" in err
     assert "[rank 1] error: RankFailure: input failed on 1 of 2 ranks" in err
+
+
+def test_bad_eval_row_stops_every_rank_from_the_eval_pipelines_loader_thread(
+    synth_data: Path, tmp_path: Path
+) -> None:
+    """Evaluation reads in TorchRec's eval pipeline's loader thread (lockstep on its own gloo
+    group): a bad row there still stops every rank with the named error, at once."""
+    good = pq.read_table(next((synth_data / "eval").glob("*.parquet"))).slice(0, 300)
+    item_ids = good.column("item_id").to_pylist()
+    item_ids[37] = 10**9
+    bad = good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(item_ids, pa.int64()))
+    bad_file = tmp_path / "zz-bad.parquet"
+    pq.write_table(bad, bad_file, row_group_size=100)
+    result = torchrun(
+        synth_data / "config.yaml",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "training.batch_size=256",
+            "training.max_steps=2",
+            "training.num_workers=0",
+            f"data.eval=[{synth_data / 'eval'}, {bad_file}]",
+        ],
+        timeout=120,  # the collective timeout is 600 s: finishing here means no rank waited on it
+    )
+    assert result.returncode != 0
+    err = result.stderr
+    for fragment in ["zz-bad.parquet", "item_id", "1000000000", "row 37"]:
+        assert fragment in err, f"{fragment!r} missing from:\n{err[-3000:]}"
+    assert "[rank 0] error: RankFailure: input failed on 1 of 2 ranks" in err
+    assert "[rank 1] error: RankFailure: input failed on 1 of 2 ranks" in err

@@ -141,6 +141,35 @@ def load_plan_file(
             raise PlanFileError(
                 f"{where}: made for {meta.get('compute_device')} devices; this job runs on {device_type}"
             )
+    sharding_plan = plan_from_dict(plan, module, world_size, local_world_size, device_type, where)
+    logger.info(
+        "sharding plan from %s (%s planner, %s)",
+        path,
+        meta.get("planner", "?"),
+        (meta.get("topology") or {}).get("name") or f"world size {meta.get('world_size', world_size)}",
+    )
+    return sharding_plan
+
+
+def plan_from_dict(
+    plan: dict[str, dict[str, Any]],
+    module: nn.Module,
+    world_size: int,
+    local_world_size: int,
+    device_type: str,
+    where: str = "sharding plan",
+) -> ShardingPlan:
+    """The ``ShardingPlan`` of a :func:`plan_to_dict` form, checked against the model's tables
+    and the job (a plan file's, or the one rank 0 planned and broadcast).
+
+    Example::
+
+        plan = plan_from_dict(plan_to_dict(planned), module, 2, 2, "cpu")
+
+    Raises:
+        PlanFileError: ``where`` and what does not match (a missing or unknown table, a shape,
+            a rank, a sharding type the device cannot run).
+    """
     tables = _model_tables(module)
     planned = {(m, t) for m, ts in plan.items() for t in ts}
     for module_path, names in tables.items():
@@ -172,12 +201,6 @@ def load_plan_file(
                     f"CPU; CPU runs {list(CPU_SHARDING_TYPES)}"
                 )
         out[module_path] = module_plan
-    logger.info(
-        "sharding plan from %s (%s planner, %s)",
-        path,
-        meta.get("planner", "?"),
-        (meta.get("topology") or {}).get("name") or f"world size {meta.get('world_size', world_size)}",
-    )
     return ShardingPlan(out)  # type: ignore[arg-type]
 
 

@@ -1,6 +1,9 @@
 """Plan an experiment's tables onto a topology: the model built on the meta device, the fast
 planner or TorchRec's default one, the same topology, constraints and storage reservation.
 
+The one planning path: ``towerrec plan`` calls :func:`plan_config` for the topologies it is
+given, the trainer (``trainer.sharding.plan_sharding``) on rank 0 for the job's own topology.
+
 Example::
 
     result = plan_config(config, parse_topologies("8x8xA100-80GB")[0], planner="fast")
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn as nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.perf_models import NoopPerfModel
 from torchrec.distributed.planner.planners import to_sharding_plan
@@ -28,25 +33,81 @@ from torchrec.distributed.planner.types import (
     Storage,
     Topology,
 )
-from torchrec.distributed.types import ShardingPlan
-from towerrec.trainer.config import ExperimentConfig, SparseOptimizerConfig
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from towerrec.trainer.config import ExperimentConfig, SparseOptimizerConfig, replica_update_fails
 from towerrec.trainer.model import build_train_module
 from towerrec.trainer.optimizers import apply_sparse_optimizer
-from towerrec.trainer.planning.fast import (
-    DEFAULT_TIME_BUDGET_S,
-    NoPlanError,
-    TooLarge,
-    enumerate_options,
-    fast_plan,
-    largest_device,
-)
+from towerrec.trainer.planning import torchrec_compat as compat
+from towerrec.trainer.planning.enumeration import TooLarge, enumerate_options, largest_device
 from towerrec.trainer.planning.plan_file import CPU_SHARDING_TYPES
+from towerrec.trainer.planning.search import DEFAULT_TIME_BUDGET_S, NoPlanError, fast_plan
 from towerrec.trainer.planning.topology import GB, TopologySpec
-from towerrec.trainer.sharding import sharders, table_constraints
 
 logger = logging.getLogger(__name__)
 
 PlannerName = Literal["fast", "torchrec"]
+CPU_COMPUTE_KERNELS = ("dense", "fused")  # host-memory (UVM) kernels need CUDA
+ALL_SHARDING_TYPES = tuple(t.value for t in ShardingType)
+
+
+def sharders() -> list[ModuleSharder[nn.Module]]:
+    """The sharders every plan is made for and ``DistributedModelParallel`` shards with."""
+    # The fused optimizer comes from apply_optimizer_in_backward on the tables' parameters.
+    return [EmbeddingBagCollectionSharder()]
+
+
+def table_constraints(
+    config: ExperimentConfig, compute_device: str, sparse_optimizer: str | None = None
+) -> dict[str, ParameterConstraints]:
+    """Per-table planner constraints: the config's, narrowed to what the device can run and, for
+    an fp16 table under an Adagrad optimizer, to sharded placements (see
+    :func:`~towerrec.trainer.config.replica_update_fails`).
+
+    Example::
+
+        table_constraints(config, "cpu")["user"].sharding_types   # ["table_wise", ...]
+
+    Raises:
+        ValueError: a table constrained to sharding types that ``compute_device`` cannot run.
+    """
+    optimizer = sparse_optimizer or config.training.sparse_optimizer.type
+    constraints: dict[str, ParameterConstraints] = {}
+    for table in config.data.tables:
+        wanted = config.sharding.constraints.get(table.name)
+        types = list(wanted.sharding_types) if wanted and wanted.sharding_types else None
+        if replica_update_fails(table.data_type, optimizer):
+            types = [t for t in (types or ALL_SHARDING_TYPES) if t != ShardingType.DATA_PARALLEL.value]
+            if not types:  # only reachable with a topology's own sparse_optimizer
+                raise ValueError(
+                    f"sharding.constraints.{table.name}.sharding_types: [data_parallel] only, but table "
+                    f"{table.name!r} is fp16 and {optimizer} cannot update an fp16 replica; allow a "
+                    "sharded type or set its data_type: fp32"
+                )
+        if compute_device == "cpu":
+            allowed = [t for t in (types or CPU_SHARDING_TYPES) if t in CPU_SHARDING_TYPES]
+            if not allowed:
+                raise ValueError(
+                    f"sharding.constraints.{table.name}.sharding_types: {types} cannot run on CPU; "
+                    f"CPU supports {list(CPU_SHARDING_TYPES)}"
+                )
+            types = allowed
+        num_features = len(config.data.table_features(table.name))
+        pooling = wanted.pooling_factor if wanted and wanted.pooling_factor else 1.0
+        kwargs: dict[str, Any] = {"sharding_types": types, "pooling_factors": [pooling] * num_features}
+        if wanted and wanted.compute_kernels:
+            kernels = list(wanted.compute_kernels)
+            if compute_device == "cpu":
+                kernels = [k for k in kernels if k in CPU_COMPUTE_KERNELS]
+                if not kernels:
+                    raise ValueError(
+                        f"sharding.constraints.{table.name}.compute_kernels: {wanted.compute_kernels} "
+                        f"cannot run on CPU; CPU supports {list(CPU_COMPUTE_KERNELS)}"
+                    )
+            kwargs["compute_kernels"] = kernels
+        if wanted and wanted.min_partition:
+            kwargs["min_partition"] = wanted.min_partition
+        constraints[table.name] = ParameterConstraints(**kwargs)
+    return constraints
 
 
 class PlanningError(ValueError):
@@ -68,7 +129,7 @@ class PlanResult:
     error: str | None
     topology: Topology
     storage_constraint: Topology | None  # capacities after the storage reservation
-    reservation: dict[str, Storage]  # per device: dense, kjt
+    reservation: dict[str, Storage | None]  # per device: dense, kjt
     constraints: dict[str, ParameterConstraints]
     best_plan: list[ShardingOption] | None
     sharding_plan: ShardingPlan | None
@@ -119,7 +180,7 @@ def plan_config(
     )
     assert spec.batch_size is not None and spec.storage_reserve is not None and spec.sparse_optimizer
     try:
-        constraints = table_constraints(config, spec.device)
+        constraints = table_constraints(config, spec.device, spec.sparse_optimizer)
     except ValueError as e:
         raise PlanningError(str(e)) from None
     module = module if module is not None else build_module(config, spec.sparse_optimizer)
@@ -152,7 +213,7 @@ def plan_config(
             sharding_plan=None,
             seconds=time.perf_counter() - start,
         )
-    reserved = {"dense": reservation._dense_storage, "kjt": reservation._kjt_storage}
+    reserved = compat.reserved_storage(reservation)
     base.update(storage_constraint=storage_constraint, reservation=reserved)
 
     tables, options, enumeration, too_large = enumerate_options(
@@ -215,10 +276,10 @@ def plan_config(
                 best_plan=None,
                 sharding_plan=None,
                 seconds=time.perf_counter() - start,
-                stats={**stats, "proposals": torchrec._num_proposals, "plans": torchrec._num_plans},
+                stats={**stats, **compat.planner_counts(torchrec)},
             )
-        best_plan = torchrec._best_plan
-        stats.update(proposals=torchrec._num_proposals, plans=torchrec._num_plans)
+        best_plan = compat.planner_best_plan(torchrec)
+        stats.update(compat.planner_counts(torchrec))
     assert best_plan is not None
     return PlanResult(
         **base,

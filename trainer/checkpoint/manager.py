@@ -1,0 +1,384 @@
+"""CheckpointManager: the saves and the resume of a distributed run (see the package docstring).
+
+Example::
+
+    manager = CheckpointManager(config, env, model, dense_opt, table_opt, plan, train_set)
+    point = manager.resume()              # None: a fresh run; else where to continue
+    manager.maybe_save(step, epoch, batch, eval_metrics)   # every checkpoint.interval steps
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from towerrec.data.parquet import ParquetDataset, resume_plan
+from towerrec.trainer.checkpoint.integrity import (
+    describe_error,
+    mismatch_error,
+    table_differences,
+    tensor_differences,
+    verify_files,
+)
+from towerrec.trainer.checkpoint.layout import (
+    LATEST,
+    TMP_SUFFIX,
+    CheckpointError,
+    checkpoint_root,
+    complete_steps,
+    find_checkpoint,
+    latest_checkpoint,
+    publish,
+    remove_leftovers,
+    step_dir_name,
+)
+from towerrec.trainer.checkpoint.meta import (
+    FORMAT_VERSION,
+    CheckpointMeta,
+    DataPosition,
+    TableMeta,
+    read_meta,
+)
+from towerrec.trainer.checkpoint.sparse_state import (
+    BoxLoadPlanner,
+    column_groups,
+    sparse_state,
+    sparse_targets,
+    table_placements,
+)
+from towerrec.trainer.checkpoint.train_state import (
+    ResumePoint,
+    data_layout,
+    rank_state,
+    resume_point,
+    set_rng_state,
+)
+from towerrec.trainer.config import ExperimentConfig
+from towerrec.trainer.distributed import DistEnv
+from towerrec.trainer.optimizers import TORCH_STATE_NAMES
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class CheckpointManager:
+    """Saves and restores everything a run needs to continue (see the package docstring).
+
+    Args:
+        model: the DistributedModelParallel; its ``fused_optimizer`` holds the sharded tables'
+            optimizer state.
+        dense_optimizer: the dense network's KeyedOptimizer.
+        table_optimizer: the data-parallel tables' KeyedOptimizer (None without such tables).
+        plan: ``plan_to_dict`` of the model's sharding plan.
+        train_set: the training data, for the data position and its layout.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        env: DistEnv,
+        model: torch.nn.Module,
+        dense_optimizer: Any,
+        table_optimizer: Any | None,
+        plan: dict[str, dict[str, Any]],
+        train_set: ParquetDataset,
+    ) -> None:
+        self.config = config
+        self.settings = config.checkpoint
+        self.env = env
+        self.model = model
+        self.dense_optimizer = dense_optimizer
+        self.table_optimizer = table_optimizer
+        self.plan = plan
+        self.train_set = train_set
+        self.root = checkpoint_root(config.run_dir)
+        self.layout = data_layout(train_set, config.training.num_workers)
+        self.last_saved_step: int | None = None
+
+    @property
+    def interval(self) -> int:
+        """Steps between saves; 0 when only the end is saved or checkpoints are disabled."""
+        return self.settings.interval if self.settings.enabled else 0
+
+    # ---- collectives ---------------------------------------------------------------------
+
+    def _on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 and give its result, or its CheckpointError, to every rank."""
+        box: list[Any] = [None, None]
+        if self.env.is_main:
+            try:
+                box = [fn(), None]
+            except CheckpointError as e:
+                box = [None, str(e)]
+            except Exception as e:  # noqa: BLE001 - the other ranks must not wait for rank 0
+                box = [None, f"{type(e).__name__}: {e}"]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(box, src=0, group=self.env.cpu_group)
+        if box[1] is not None:
+            raise CheckpointError(box[1])
+        return box[0]
+
+    def _barrier(self) -> None:
+        if self.env.world_size > 1:
+            dist.barrier(group=self.env.cpu_group)
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> bool:
+        """Save if ``step`` is a multiple of ``checkpoint.interval``."""
+        if self.interval and step % self.interval == 0 and step != self.last_saved_step:
+            self.save(step, epoch, batch, eval_metrics)
+            return True
+        return False
+
+    def save_final(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> None:
+        """The end-of-run save (unless disabled, nothing trained, or this step is saved)."""
+        if self.settings.enabled and step > 0 and step != self.last_saved_step:
+            self.save(step, epoch, batch, eval_metrics)
+
+    def save(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> Path:
+        """Save the run after global ``step``, with ``batch`` batches of ``epoch`` taken; every
+        rank calls it. Returns the checkpoint directory.
+
+        Raises:
+            CheckpointError: on every rank if any rank failed; ``latest`` is then unchanged.
+        """
+        started = time.perf_counter()
+        if batch >= self.layout.steps_per_epoch:
+            epoch, batch = epoch + 1, 0
+        name = step_dir_name(step)
+        tmp = self.root / f"{name}{TMP_SUFFIX}"
+
+        def prepare() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # a save of this step that was interrupted
+                shutil.rmtree(tmp)
+
+        self._on_main(prepare)
+        self._barrier()
+        kind = self.config.training.sparse_optimizer.type
+        state = {
+            "model": self.model.state_dict(),
+            "optim": _non_empty(
+                dense=self.dense_optimizer.state_dict()["state"],
+                sparse=sparse_state(self.model.fused_optimizer, self.table_optimizer, kind),
+            ),
+            "progress": json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch}),
+            # One top-level key per rank: DCP stores a dict without tensors as one value, which
+            # the ranks' copies would overwrite.
+            f"ranks.{self.env.rank}": json.dumps(
+                rank_state(self.env.rank, self.train_set, self.layout, epoch, batch)
+            ),
+        }
+        try:
+            dcp.save(state, storage_writer=FileSystemWriter(str(tmp)), process_group=self.env.cpu_group)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, as one
+            latest = latest_checkpoint(self.config.run_dir)
+            raise CheckpointError(
+                f"saving checkpoint {name} failed ({describe_error(e)}); the latest complete checkpoint "
+                f"({latest.name if latest else 'none'}) is unchanged"
+            ) from None
+        # dcp.save returned on every rank: every rank's data and DCP's .metadata are written.
+        meta = self._meta(step, epoch, batch, eval_metrics)
+
+        def finish() -> Path:
+            meta.write(tmp)
+            return publish(tmp, self.settings.keep_last)
+
+        final = self._on_main(finish)
+        self.last_saved_step = step
+        if self.env.is_main:
+            logger.info("checkpoint %s saved in %.1f s", final, time.perf_counter() - started)
+        return final
+
+    def _meta(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> CheckpointMeta:
+        placements = table_placements(self.plan)
+        tables = {}
+        for t in self.config.data.tables:
+            placement = placements.get(t.name)
+            tables[t.name] = TableMeta(
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.embedding_dim,
+                sharding_type=placement["sharding_type"] if placement else None,
+                column_groups=column_groups(placement, t.embedding_dim),
+            )
+        taken = resume_plan(self.layout.steps_per_epoch, self.layout.num_workers, batch)[1]
+        return CheckpointMeta(
+            format=FORMAT_VERSION,
+            step=step,
+            epoch=epoch,
+            batch_in_epoch=batch,
+            world_size=self.env.world_size,
+            config=self.config.model_dump(mode="json"),
+            plan=self.plan,
+            tables=tables,
+            sparse_optimizer=self.config.training.sparse_optimizer.type,
+            dense_optimizer=self.config.training.dense_optimizer.type,
+            data=self.layout,
+            data_position=DataPosition(epoch=epoch, batch=batch, batches_per_worker=taken),
+            eval_metrics=eval_metrics,
+            saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            versions={p: _version(p) for p in ("torch", "torchrec", "fbgemm_gpu_cpu", "fbgemm_gpu")},
+        )
+
+    # ---- resuming ------------------------------------------------------------------------
+
+    def resume(self) -> ResumePoint | None:
+        """Restore the run from ``latest`` as ``checkpoint.resume`` says; every rank calls it.
+        None: start at step 0.
+
+        Raises:
+            CheckpointError: on every rank, with one message (see the package docstring).
+        """
+        if not self.settings.enabled:
+            return None
+        meta = self._on_main(self._choose)
+        if meta is None:
+            return None
+        self._load(meta)
+        point = resume_point(meta, self.layout, self.env.world_size, log=self.env.is_main)
+        if self.env.is_main:
+            logger.info(
+                "resumed from %s: step %d, epoch %d, batch %d%s",
+                meta.path,
+                point.step,
+                point.epoch,
+                point.batch,
+                "" if point.exact else " (data position approximated, see the warning above)",
+            )
+        self.last_saved_step = meta.step
+        return point
+
+    def _choose(self) -> CheckpointMeta | None:
+        """Rank 0: the checkpoint to resume from, checked against this run; leftovers removed."""
+        mode, run_dir = self.settings.resume, self.config.run_dir
+        latest = latest_checkpoint(run_dir)
+        if mode == "never":
+            if latest is not None or complete_steps(run_dir):
+                raise CheckpointError(
+                    f"{self.root} holds checkpoints (latest: {latest.name if latest else 'none'}) and "
+                    "checkpoint.resume is never: resume them (checkpoint.resume=auto), use another "
+                    f"run_dir, or delete {self.root}"
+                )
+            remove_leftovers(self.root, None)
+            return None
+        if latest is None:
+            if mode == "required":
+                raise CheckpointError(
+                    f"checkpoint.resume is required but there is no checkpoint to resume "
+                    f"({self.root / LATEST} does not exist)"
+                )
+            remove_leftovers(self.root, None)
+            return None
+        step_dir = find_checkpoint(run_dir)
+        meta = read_meta(step_dir)
+        metadata = verify_files(step_dir)
+        differences = self._differences(meta, metadata)
+        if differences:
+            raise mismatch_error(step_dir, differences)
+        self._log_config_changes(meta)
+        remove_leftovers(self.root, meta.step)
+        return meta
+
+    def _differences(self, meta: CheckpointMeta, metadata: Metadata) -> list[str]:
+        training = self.config.training
+        current = {t.name: (t.num_embeddings, t.embedding_dim) for t in self.config.data.tables}
+        lines = table_differences(meta.tables, current)
+        shapes = {k: v.size() for k, v in self.model.state_dict().items()}
+        lines += tensor_differences(metadata, "model", shapes)
+        for key, before, now in (
+            ("sparse_optimizer", meta.sparse_optimizer, training.sparse_optimizer.type),
+            ("dense_optimizer", meta.dense_optimizer, training.dense_optimizer.type),
+        ):
+            if before != now:
+                lines.append(f"training.{key}.type: {before} in the checkpoint, {now} in the config")
+        if not lines and TORCH_STATE_NAMES[training.sparse_optimizer.type]:
+            for t in self.config.data.tables:
+                key = f"optim.sparse.{t.name}.momentum1"
+                if key not in metadata.state_dict_metadata:
+                    lines.append(f"table {t.name!r}: no optimizer state ({key}) in the checkpoint")
+        return lines
+
+    def _log_config_changes(self, meta: CheckpointMeta) -> None:
+        before, now = _flat_config(meta.config), _flat_config(self.config.model_dump(mode="json"))
+        changed = [
+            f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(before.keys() | now.keys())
+            if before.get(k) != now.get(k) and k != "run_dir"
+        ]
+        if changed:
+            logger.warning("the config differs from the checkpoint's: %s", "; ".join(changed))
+
+    def _load(self, meta: CheckpointMeta) -> None:
+        """Load model, optimizers and (same world size) this rank's RNG states; collective."""
+        step_dir = meta.path
+        if not self.dense_optimizer.state:
+            self.dense_optimizer.init_state()  # torch optimizers create their state lazily
+        model_state = self.model.state_dict()
+        dense_state = self.dense_optimizer.state_dict()
+        fused_state = self.model.fused_optimizer.state_dict()
+        table_state = self.table_optimizer.state_dict() if self.table_optimizer is not None else None
+        metadata = FileSystemReader(str(step_dir)).read_metadata()
+        dims = {t.name: (t.num_embeddings, t.embedding_dim) for t in self.config.data.tables}
+        kind = self.config.training.sparse_optimizer.type
+        targets = sparse_targets(meta, metadata, fused_state, table_state, kind, self.plan, dims)
+        state: dict[str, Any] = {
+            "model": model_state,
+            "optim": _non_empty(dense=dense_state["state"], sparse=targets.state),
+        }
+        same_world = meta.world_size == self.env.world_size
+        if same_world:
+            state[f"ranks.{self.env.rank}"] = ""  # DCP replaces it with the saved JSON
+        try:
+            dcp.load(
+                state,
+                checkpoint_id=str(step_dir),
+                planner=BoxLoadPlanner(targets.boxes),
+                process_group=self.env.cpu_group,
+            )
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, as one
+            raise CheckpointError(f"checkpoint {step_dir} could not be read: {describe_error(e)}") from None
+        targets.fill()
+        self.model.load_state_dict(model_state)
+        self.dense_optimizer.load_state_dict(dense_state)
+        self.model.fused_optimizer.load_state_dict(fused_state)
+        if self.table_optimizer is not None:
+            # fbgemm keeps no step count; every global step steps every table optimizer once.
+            for states in table_state["state"].values():  # type: ignore[index]
+                if "step" in states:
+                    states["step"].fill_(float(meta.step))
+            self.table_optimizer.load_state_dict(table_state)
+        if same_world:
+            set_rng_state(json.loads(state[f"ranks.{self.env.rank}"])["rng"])
+
+
+def _non_empty(**entries: dict[str, Any]) -> dict[str, Any]:
+    """``entries`` without the empty ones (DCP would store an empty dict as a value of its own)."""
+    return {key: value for key, value in entries.items() if value}
+
+
+def _flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat_config(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
