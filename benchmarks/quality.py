@@ -5,11 +5,13 @@
     python -m benchmarks.quality --dataset census --data runs/census --quick    # a check
 
 Protocol (the PLE and MMoE papers'): every run trains through ``towerrec train`` (TorchX
-``local_cwd``, ``--nproc`` ranks) and evaluates the validation split after every epoch, saving a
-checkpoint there; the epoch with the best validation AUC of the selection task (Census: income)
-is chosen, and only that checkpoint is evaluated on the test split (``towerrec evaluate``), once.
-Single-task means one run per task, each chosen on its own task. Hyperparameters below were set
-on validation only; they are the same for every seed.
+``local_cwd``, ``--nproc`` ranks) for at most the preset's epochs and evaluates the validation
+split after every epoch, with early stopping on the validation AUC of the selection task
+(Census: income; ``training.early_stopping``, the preset's patience): the epoch of the best
+validation AUC is saved as ``checkpoints/best``, training stops after ``patience`` epochs without
+an improvement, and only the best checkpoint is evaluated on the test split (``towerrec evaluate``,
+which reads ``best``), once. Single-task means one run per task, each stopped and chosen on its own
+task. Hyperparameters below were set on validation only; they are the same for every seed.
 
 Results go to ``docs/RESULTS.md`` (one section per data set; ``--quick`` writes a separate one)
 and ``RUNS/<dataset>/summary.json``. Finished runs (with ``test_metrics.json``) are reused, so an
@@ -30,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from towerrec.data.config import DataConfig, resolve_paths
-from towerrec.data.parquet import ParquetDataset
-from towerrec.trainer.config import add_override_argument, apply_override
+from pydantic import ValidationError
+from towerrec.trainer.checkpoint import best_checkpoint, read_meta
+from towerrec.trainer.config import ExperimentConfig, add_override_argument, apply_override
 
 from benchmarks.report import RESULTS_MD, markdown_table, write_section
 
@@ -66,12 +68,14 @@ MODELS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """What differs between data sets: the selection task, crosses, DTN's TSN and paper numbers."""
+    """What differs between data sets: the selection task, crosses, DTN's TSN, the most epochs
+    and the early-stopping patience (in epochs), and paper numbers."""
 
     select: str
     cross_fields: list[str]
     dependencies: dict[str, str]
     epochs: int
+    patience: int
     paper: list[tuple[str, dict[str, float], str]]  # (model, {task: AUC}, source)
 
 
@@ -92,7 +96,10 @@ PRESETS = {
             "full_or_part_emp",
         ],
         dependencies={},  # income and marital status are not a funnel: no TSN edge
-        epochs=10,
+        # At 10 epochs every model but DTN chose its last epoch: room to converge, early stopping
+        # ends each run 3 epochs after its best.
+        epochs=20,
+        patience=3,
         paper=[
             ("single_task", {"income": 0.9445, "marital": 0.9923}, "PLE paper, table 5"),
             ("mmoe", {"income": 0.9393, "marital": 0.9928}, "PLE paper, table 5"),
@@ -114,7 +121,8 @@ PRESETS = {
             "segment",
         ],
         dependencies={"conversion": "visit"},  # a conversion needs a visit: TSN visit -> conversion
-        epochs=12,
+        epochs=20,
+        patience=3,
         paper=[],
     ),
 }
@@ -140,17 +148,16 @@ def base_config(data_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def steps_per_epoch(data: dict[str, Any], batch_size: int, world_size: int) -> int:
-    """Training steps per epoch of every rank, as the loader counts them (from the footers)."""
-    config = DataConfig.model_validate(data)
-    files = resolve_paths(config.train, "data.train")
-    return ParquetDataset(files, config, batch_size, 0, world_size).steps_per_epoch()
+def selection_task(preset: Preset, run: Run) -> str:
+    """The task whose validation AUC stops the run and chooses its checkpoint."""
+    return preset.select if preset.select in run.tasks else run.tasks[0]
 
 
 def run_config(
-    base: dict[str, Any], preset: Preset, run: Run, epochs: int, nproc: int, overrides: list[str]
+    base: dict[str, Any], preset: Preset, run: Run, epochs: int, overrides: list[str]
 ) -> dict[str, Any]:
-    """The run's config: ``base`` with the run's tasks, model, seed and schedule, then ``overrides``."""
+    """The run's config: ``base`` with the run's tasks, model, seed, schedule and early stopping,
+    then ``overrides`` (which may change the patience)."""
     config = json.loads(json.dumps(base))  # deep copy
     data, training = config["data"], config["training"]
     data["tasks"] = [t for t in data["tasks"] if t["name"] in run.tasks]
@@ -167,15 +174,15 @@ def run_config(
         data["tables"] = data["tables"] + [CODEBOOK]
         data["cross"] = {"table": CODEBOOK["name"], "fields": preset.cross_fields}
         model["dependencies"] = preset.dependencies
-    training.update({"epochs": epochs, "seed": run.seed, "log_interval": 100})
+    stopping = {"metric": f"{selection_task(preset, run)}.auc", "patience": preset.patience}
+    training.update({"epochs": epochs, "seed": run.seed, "log_interval": 100, "early_stopping": stopping})
     config.update(run_dir=str(run.run_dir), model=model)
     for override in overrides:
         apply_override(config, override)
-    # An evaluation and a checkpoint at every epoch's end, all kept: the chosen epoch reads test.
-    training = config["training"]
-    steps = steps_per_epoch(config["data"], training["batch_size"], nproc)
-    training["eval_interval"] = 0  # the trainer evaluates at every epoch's end anyway
-    config["checkpoint"] = {"enabled": True, "interval": steps, "keep_last": epochs, "resume": "never"}
+    # An evaluation at every epoch's end; the best one's checkpoint is saved as `best` (it reads
+    # test) and the last one at the end: no other checkpoint is needed.
+    config["training"]["eval_interval"] = 0
+    config["checkpoint"] = {"enabled": True, "interval": 0, "keep_last": 1, "resume": "never"}
     return config
 
 
@@ -187,20 +194,27 @@ def towerrec(*args: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
 
 
-def best_eval(run_dir: Path, task: str) -> dict[str, Any]:
-    """The evaluation record with the highest validation AUC of ``task`` (earliest on ties)."""
+def chosen_eval(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
+    """The validation record of early stopping's best checkpoint (``checkpoints/best``), the
+    ``stop`` record (None: the run used all its epochs) and the number of epochs trained."""
+    best = best_checkpoint(run_dir)
+    if best is None:
+        raise RuntimeError(f"{run_dir} has no checkpoints/best (was early stopping off?)")
+    step = read_meta(best).step
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["phase"] == "eval"]
-    if not evals:
-        raise RuntimeError(f"{run_dir}/metrics.jsonl has no evaluation")
-    return max(evals, key=lambda r: (r[task]["auc"], -r["step"]))
+    chosen = [r for r in records if r["phase"] == "eval" and r["step"] == step]
+    if not chosen:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has no evaluation at the best step {step}")
+    stop = next((r for r in records if r["phase"] == "stop"), None)
+    return chosen[-1], stop, max(r["epoch"] for r in records) + 1
 
 
 def execute(
-    run: Run, config: dict[str, Any], select: str, data_dir: Path, nproc: int, read_test: bool = True
+    run: Run, config: dict[str, Any], data_dir: Path, nproc: int, read_test: bool = True
 ) -> dict[str, Any]:
-    """Train, choose the epoch on validation, evaluate test once (unless tuning); returns the
-    run's record. A finished run is reused only if it was trained with this very config."""
+    """Train with early stopping on validation, evaluate its best checkpoint on test once (unless
+    tuning); returns the run's record. A finished run is reused only if it was trained with this
+    very config."""
     result_path = run.run_dir / "test_metrics.json"
     if read_test and result_path.is_file():
         finished = json.loads(result_path.read_text())
@@ -214,19 +228,25 @@ def execute(
     start = time.perf_counter()
     towerrec("train", "--config", str(config_path), "--nproc_per_node", str(nproc))
     train_seconds = time.perf_counter() - start
-    chosen = best_eval(run.run_dir, select if select in run.tasks else run.tasks[0])
+    chosen, stop, epochs_run = chosen_eval(run.run_dir)
     test = {"metrics": {t: {"auc": float("nan")} for t in run.tasks}}
     if read_test:
         test_path = run.run_dir / "test_eval.json"
-        towerrec("evaluate", "--run", str(run.run_dir), "--step", str(chosen["step"]),
-                 "--data", str(data_dir / "test"), "--out", str(test_path))  # fmt: skip
+        # No --step: evaluate reads checkpoints/best.
+        towerrec(
+            "evaluate", "--run", str(run.run_dir), "--data", str(data_dir / "test"), "--out", str(test_path)
+        )
         test = json.loads(test_path.read_text())
+        if test["step"] != chosen["step"]:
+            raise RuntimeError(f"{run.run_dir}: test read step {test['step']}, best is {chosen['step']}")
     record = {
         "model": run.model,
         "seed": run.seed,
         "tasks": run.tasks,
         "chosen_step": chosen["step"],
         "chosen_epoch": chosen["epoch"],
+        "epochs_run": epochs_run,
+        "stopped_early": stop is not None,
         "valid": {t: chosen[t]["auc"] for t in run.tasks},
         "test": {t: test["metrics"][t]["auc"] for t in run.tasks},
         "train_seconds": round(train_seconds, 1),
@@ -309,7 +329,8 @@ def report(
         lines.append(f"- {verdict}: {model} {task} {ours:.5f} ≥ {other} {value:.5f} ({ours - value:+.5f})")
     per_run = [
         [r["model"] + ("[" + r["tasks"][0] + "]" if r["model"] == "single_task" else ""), r["seed"],
-         r["chosen_epoch"], *(f"{r['valid'].get(t, float('nan')):.4f}" for t in tasks),
+         r["chosen_epoch"], f"{r['epochs_run']}{'*' if r['stopped_early'] else ''}",
+         *(f"{r['valid'].get(t, float('nan')):.4f}" for t in tasks),
          *(f"{r['test'].get(t, float('nan')):.4f}" for t in tasks), r["train_seconds"]]
         for r in records
     ]  # fmt: skip
@@ -317,10 +338,16 @@ def report(
         "run",
         "seed",
         "chosen epoch",
+        "epochs run",
         *(f"{t} valid" for t in tasks),
         *(f"{t} test" for t in tasks),
     ]
-    lines += ["", "Per run (epoch chosen on validation; `-`/nan: task not in the run):", ""]
+    lines += [
+        "",
+        "Per run (chosen epoch: early stopping's best on validation; epochs run, `*` if stopped "
+        "early; `-`/nan: task not in the run):",
+        "",
+    ]
     lines += [markdown_table(per_run_header + ["train s"], per_run)]
     return "\n".join(lines)
 
@@ -329,7 +356,9 @@ def hyperparameters(base: dict[str, Any], preset: Preset, epochs: int, nproc: in
     training, dumps = base["training"], json.dumps
     models = "\n".join(f"- `{m}`: `{dumps(v)}`" for m, v in MODELS.items())
     return (
-        f"Hyperparameters: batch {training['batch_size']} per rank x {nproc} ranks, {epochs} epochs, "
+        f"Hyperparameters: batch {training['batch_size']} per rank x {nproc} ranks, at most {epochs} "
+        f"epochs with early stopping (validation AUC of {preset.select} or a single-task run's task, "
+        f"patience {preset.patience} epochs), "
         f"dense `{dumps(training['dense_optimizer'])}`, sparse `{dumps(training['sparse_optimizer'])}`, "
         f"embedding dim {base['data']['tables'][0]['embedding_dim']}; DTN codebook `{dumps(CODEBOOK)}` "
         f"over the pairs of `{preset.cross_fields}`, TSN `{preset.dependencies}`.\n\n{models}"
@@ -345,7 +374,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"), help="run directories go here")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None, help="default: the data set's preset")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="most epochs (early stopping ends most runs sooner); default: the preset",
+    )
     parser.add_argument("--nproc", type=int, default=2, help="trainer ranks per run")
     parser.add_argument("--quick", action="store_true", help="one seed, one epoch: a check, not a result")
     parser.add_argument("--fresh", action="store_true", help="retrain finished runs")
@@ -374,15 +408,19 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(root)], check=True)
     records, start = [], time.perf_counter()
     runs = plan_runs(args.models, tasks, seeds, root)
-    configs = [
-        run_config(base, preset, run, epochs, args.nproc, args.overrides) for run in runs
-    ]  # all checked
+    configs = [run_config(base, preset, run, epochs, args.overrides) for run in runs]
+    for config in configs:  # all checked before the first run starts
+        try:
+            ExperimentConfig.model_validate(config)
+        except ValidationError as e:
+            sys.exit(f"error: the config of {config['run_dir']}: {e}")
     for run, config in zip(runs, configs, strict=True):
-        record = execute(run, config, preset.select, args.data, args.nproc, read_test=not args.tune)
+        record = execute(run, config, args.data, args.nproc, read_test=not args.tune)
         records.append(record)
         shown = "" if args.tune else f" test {record['test']}"
         print(
-            f"{run.label} seed {run.seed}: epoch {record['chosen_epoch']} valid {record['valid']}{shown}",
+            f"{run.label} seed {run.seed}: epoch {record['chosen_epoch']} of {record['epochs_run']} "
+            f"valid {record['valid']}{shown}",
             flush=True,
         )
     elapsed = time.perf_counter() - start

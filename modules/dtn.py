@@ -226,6 +226,11 @@ class DTN(nn.Module):
         ``memonet``) ``-> {task: logit [B]}``."""
         return self.forward_with_gates(x, cross)[0]
 
+    def last_shared_parameters(self) -> List[nn.Parameter]:
+        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        the shared FI group (read by every task's pool gate)."""
+        return list(self.shared_group.parameters())
+
 
 def _run_group(group: nn.ModuleList, x: torch.Tensor, cross: Optional[torch.Tensor]) -> List[torch.Tensor]:
     outputs = []

@@ -76,3 +76,8 @@ class MMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``x [B, in_features] -> {task: logit [B]}``."""
         return self.forward_with_gates(x)[0]
+
+    def last_shared_parameters(self) -> List[nn.Parameter]:
+        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        the experts."""
+        return list(self.experts.parameters())

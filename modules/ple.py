@@ -189,6 +189,11 @@ class PLE(nn.Module):
         """``x [B, in_features] -> {task: logit [B]}``."""
         return self.forward_with_gates(x)[0]
 
+    def last_shared_parameters(self) -> List[nn.Parameter]:
+        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        the last level's shared experts."""
+        return list(self.levels[-1].shared_experts.parameters())
+
 
 class CGC(PLE):
     """Customized Gate Control: a single-level :class:`PLE` (no shared gate).

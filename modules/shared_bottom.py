@@ -53,3 +53,8 @@ class SharedBottom(nn.Module):
         """``x [B, in_features] -> {task: logit [B]}``."""
         shared = self.bottom(x)
         return {t: self.towers[t](shared) for t in self.task_names}
+
+    def last_shared_parameters(self) -> List[nn.Parameter]:
+        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        the bottom MLP."""
+        return list(self.bottom.parameters())

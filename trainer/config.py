@@ -43,14 +43,109 @@ class DenseOptimizerConfig(StrictModel):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
 
 
+EARLY_STOPPING_METRICS = {"auc": "max", "logloss": "min", "ne": "min"}  # metric -> better direction
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop when ``metric`` (``<task>.auc``, ``<task>.logloss`` or ``<task>.ne`` on ``data.eval``)
+    has not improved by more than ``min_delta`` for ``patience`` evaluations in a row
+    (``trainer.early_stopping``). ``mode``: ``max`` or ``min``; default and only allowed value: the
+    metric's direction (auc max, logloss and ne min)."""
+
+    metric: str
+    mode: Literal["max", "min"] | None = None
+    patience: PositiveInt = 3
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> "EarlyStoppingConfig":
+        task, _, name = self.metric.rpartition(".")
+        if not task or name not in EARLY_STOPPING_METRICS:
+            raise ValueError(
+                f"metric: {self.metric!r} is not <task>.<metric>, metric one of "
+                f"{sorted(EARLY_STOPPING_METRICS)}"
+            )
+        better = EARLY_STOPPING_METRICS[name]
+        if self.mode is not None and self.mode != better:
+            raise ValueError(f"mode: {self.mode}, but {name} is better when {better}imised (mode {better})")
+        return self
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or EARLY_STOPPING_METRICS[self.metric.rpartition(".")[2]]
+
+
+class LRScheduleConfig(StrictModel):
+    """The learning-rate schedule of the dense and the table optimizers (``trainer.schedules``).
+
+    Every optimizer's lr is its configured ``lr`` times one multiplier: a linear warmup over the
+    first ``warmup_steps`` training steps (``(step + 1) / warmup_steps``), times the ``decay``
+    counted ``by`` training steps after the warmup or by epochs:
+
+    * ``constant``: 1.
+    * ``step``: ``gamma ** (t // step_size)``.
+    * ``exponential``: ``gamma ** t``.
+    * ``cosine``: from 1 down to ``min_lr_ratio`` over ``decay_length`` units (default: the run
+      planned by ``training.epochs``, less the warmup; ``max_steps`` only stops it), then flat.
+
+    Example::
+
+        training.lr_schedule: {warmup_steps: 100, decay: cosine, min_lr_ratio: 0.1}
+    """
+
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    decay: Literal["constant", "step", "exponential", "cosine"] = "constant"
+    by: Literal["step", "epoch"] = "step"
+    step_size: PositiveInt | None = None
+    gamma: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    decay_length: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _keys_of_the_decay(self) -> "LRScheduleConfig":
+        reads = _DECAY_KEYS[self.decay]
+        for key in ("step_size", "gamma"):
+            if key in reads and getattr(self, key) is None:
+                raise ValueError(f"{key} is required by decay: {self.decay}")
+        for key in _DECAY_KEYS["step"] + _DECAY_KEYS["cosine"]:
+            unread = key not in reads and getattr(self, key) != type(self).model_fields[key].default
+            if unread:
+                raise ValueError(f"{key} is not read by decay: {self.decay}")
+        return self
+
+
+# The keys each decay reads; another one set (not to its default) is an error: it would do nothing.
+_DECAY_KEYS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "step": ("step_size", "gamma"),
+    "exponential": ("gamma",),
+    "cosine": ("min_lr_ratio", "decay_length"),
+}
+
+
+class GradClipConfig(StrictModel):
+    """Gradient clipping by global L2 norm before the optimizer step (``trainer.optimizers``).
+
+    ``max_norm``: clips the dense network's gradients (one norm over them all) and, separately,
+    the data-parallel tables' gradients; null: no clipping. Sharded tables are not clipped:
+    fbgemm fuses their update into the backward pass, so their gradients never exist whole.
+    """
+
+    max_norm: PositiveFloat | None = None
+
+
 class TrainingConfig(StrictModel):
-    """``batch_size`` is per rank. Training stops after ``epochs`` or ``max_steps``, first reached.
+    """``batch_size`` is per rank. Training stops after ``epochs`` or ``max_steps``, first reached,
+    or earlier by ``early_stopping`` (:class:`EarlyStoppingConfig`; null: off), which is checked at
+    every evaluation and makes each new best step's checkpoint ``checkpoints/best``.
 
     ``eval_interval``: evaluate every that many training steps; 0 evaluates at each epoch's end
     only. The last partial batch of every rank is padded with zero-weight rows (see
     ``data.parquet``), so every row is used exactly once and every rank takes the same steps.
     ``progress_bar``: rank 0's bar with samples/s and ETA (``trainer.progress``); ``auto`` shows
     it when stderr is a terminal, ``true``/``false`` (or ``on``/``off``) force it.
+    ``lr_schedule``: warmup and decay of both optimizers' lrs (:class:`LRScheduleConfig`);
+    ``grad_clip``: clipping by norm (:class:`GradClipConfig`; not the sharded tables).
     """
 
     batch_size: PositiveInt = 512
@@ -65,6 +160,9 @@ class TrainingConfig(StrictModel):
     shuffle_buffer: Annotated[int, Field(ge=0)] = 0
     collective_timeout_s: PositiveInt = 600
     progress_bar: Literal["auto"] | bool = "auto"
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    grad_clip: GradClipConfig = GradClipConfig()
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 class TableConstraint(StrictModel):
@@ -151,6 +249,26 @@ def replica_update_fails(data_type: str, sparse_optimizer: str) -> bool:
     return data_type == "fp16" and sparse_optimizer in ("adagrad", "rowwise_adagrad")
 
 
+class LossConfig(StrictModel):
+    """How the tasks' losses are weighted (``modules.loss.MultiTaskLoss``).
+
+    ``weighting``: ``fixed`` (each task's ``loss_weight`` with its per-epoch
+    ``loss_weight_decay``, the PLE paper's), ``uncertainty`` (Kendall et al. 2018: a learned
+    ``s_k = log σ_k²`` per task, loss ``Σ exp(-s_k) L_k + s_k``) or ``gradnorm`` (Chen et al.
+    2018: learned weights, summing to the number of tasks, that balance the tasks' gradient norms
+    at the network's last shared layer; not for ``single_task``, which shares none).
+    ``gradnorm_alpha``: GradNorm's asymmetry α. The learned weights are trained by the dense
+    optimizer, saved in checkpoints and written to metrics.jsonl (``task_weights``).
+
+    Example::
+
+        loss: {weighting: gradnorm, gradnorm_alpha: 1.5}
+    """
+
+    weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
+    gradnorm_alpha: Annotated[float, Field(ge=0)] = 1.5
+
+
 class ExperimentConfig(StrictModel):
     run_dir: str
     data: DataConfig
@@ -159,6 +277,25 @@ class ExperimentConfig(StrictModel):
     sharding: ShardingConfig = ShardingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     importance: ImportanceConfig = ImportanceConfig()
+    loss: LossConfig = LossConfig()
+
+    @model_validator(mode="after")
+    def _loss_weighting(self) -> "ExperimentConfig":
+        weighting = self.loss.weighting
+        if weighting == "gradnorm" and self.model.type == "single_task":
+            raise ValueError(
+                "loss.weighting: gradnorm balances gradients at a layer shared by every task; "
+                "model.type single_task has none (use fixed or uncertainty)"
+            )
+        if weighting != "fixed":
+            for i, task in enumerate(self.data.tasks):
+                for key in ("loss_weight", "loss_weight_decay"):
+                    if getattr(task, key) != 1.0:
+                        raise ValueError(
+                            f"data.tasks.{i}.{key}: read by loss.weighting fixed only; "
+                            f"loss.weighting is {weighting} (its weights are learned)"
+                        )
+        return self
 
     @model_validator(mode="after")
     def _constraints_name_tables(self) -> "ExperimentConfig":
@@ -194,6 +331,10 @@ class ExperimentConfig(StrictModel):
                 + (" without memonet" if self.model.type == "dtn" else "")
             )
         names = [t.name for t in self.data.tasks]
+        stopping = self.training.early_stopping
+        if stopping is not None and stopping.metric.rpartition(".")[0] not in names:
+            task = stopping.metric.rpartition(".")[0]
+            raise ValueError(f"training.early_stopping.metric: unknown task {task!r}; tasks: {names}")
         for child, parent in (getattr(self.model, "dependencies", None) or {}).items():
             for name in (child, parent):
                 if name not in names:

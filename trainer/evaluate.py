@@ -2,7 +2,7 @@
 
 Example::
 
-    result = evaluate_run("runs/demo", ["runs/demo-data/test/*.parquet"], step=None)  # latest
+    result = evaluate_run("runs/demo", ["runs/demo-data/test/*.parquet"], step=None)  # best, else latest
     result["click"]["auc"]
 
     evaluator = RunEvaluator("runs/demo", step=400)        # loads the weights once
@@ -10,9 +10,11 @@ Example::
     evaluator.evaluate(files, permute_feature="user_id")   # one field's bags permuted
 
 The module is ``build_train_module(config)`` with checkpoint ``step``'s weights
-(``load_model_state``, whatever world size and plan wrote it), the config is ``RUN_DIR/config.yaml``
-(the resolved config the trainer wrote), and the metrics are ``TaskMetrics``, exactly as the
-trainer computes them (the same AUC window, the same sample-space weights), in a group of one.
+(``load_model_state``, whatever world size and plan wrote it; step None: the ``best`` checkpoint
+of early stopping when the run has one, else the latest, as ``choose_checkpoint`` says), the
+config is ``RUN_DIR/config.yaml`` (the resolved config the trainer wrote), and the metrics are
+``TaskMetrics``, exactly as the trainer computes them (the same AUC window, the same
+sample-space weights), in a group of one.
 Run it in a process without a multi-rank process group: ``TaskMetrics`` would reduce over it.
 """
 
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from towerrec.data.config import resolve_paths
 from towerrec.data.parquet import ParquetDataset, make_dataloader
-from towerrec.trainer.checkpoint import CheckpointMeta, load_model_state
+from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
 from towerrec.trainer.config import ConfigError, ExperimentConfig, load_config
 from towerrec.trainer.distributed import DistEnv
 from towerrec.trainer.metrics import TaskMetrics
@@ -77,7 +79,7 @@ class RunEvaluator:
 
         evaluator = RunEvaluator("runs/demo", step=None, batch_size=4096)
         evaluator.evaluate(["runs/demo-data/eval"])["click"]["auc"]
-        evaluator.source()   # {"run_dir", "step", "epoch", "checkpoint": {...}}
+        evaluator.source()   # {"run_dir", "step", "epoch", "checkpoint": {..., "chosen": "best"}}
 
     Raises:
         FileNotFoundError: no run directory or config.yaml.
@@ -94,7 +96,9 @@ class RunEvaluator:
         self.run_dir = Path(run_dir)
         self.config = load_run_config(run_dir)
         self.module: TrainModule = build_train_module(self.config, torch.device("cpu"))
-        self.meta = load_model_state(run_dir, step, self.module)
+        step_dir, self.chosen = choose_checkpoint(run_dir, step)  # chosen: best, latest or --step
+        # By step: `latest` and `best` may move meanwhile.
+        self.meta = load_model_state(run_dir, read_meta(step_dir).step, self.module)
         self.module.eval()
         self.batch_size = batch_size or self.config.training.batch_size
         self.num_workers = num_workers
@@ -116,6 +120,7 @@ class RunEvaluator:
                 "path": str(self.meta.path),
                 "epoch": self.meta.epoch,
                 "batch_in_epoch": self.meta.batch_in_epoch,
+                "chosen": self.chosen,
             },
         }
 
@@ -154,8 +159,8 @@ def evaluate_run(
     batch_size: int | None = None,
     permute_feature: str | None = None,
 ) -> Metrics:
-    """Metrics per task of checkpoint ``step`` (None: the latest) of ``run_dir`` on ``data`` (files,
-    directories or globs).
+    """Metrics per task of checkpoint ``step`` (None: the best, else the latest) of ``run_dir`` on
+    ``data`` (files, directories or globs).
 
     Example::
 

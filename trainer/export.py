@@ -2,7 +2,7 @@
 
 Example::
 
-    report = export_model("runs/demo", "model.pt", quantize="int8")   # latest checkpoint
+    report = export_model("runs/demo", "model.pt", quantize="int8")   # best, else latest
     artifact = torch.jit.load("model.pt")        # after `import fbgemm_gpu`; no towerrec needed
     artifact(values, lengths, dense)             # {"click": [B], "conversion": [B]} probabilities
 
@@ -61,7 +61,7 @@ from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 from towerrec.data.config import resolve_paths
 from towerrec.data.files import atomic_output
 from towerrec.data.parquet import ParquetDataset
-from towerrec.trainer.checkpoint import CheckpointMeta, find_checkpoint, load_model_state, read_meta
+from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
 from towerrec.trainer.config import ExperimentConfig
 from towerrec.trainer.evaluate import single_process_env
 from towerrec.trainer.metrics import TaskMetrics
@@ -241,7 +241,8 @@ def export_model(
     check_rows: int = 20_000,
     tolerance: Tolerance | None = None,
 ) -> CheckReport | None:
-    """Export checkpoint ``step`` (default: the latest) of ``run_dir`` to ``out``.
+    """Export checkpoint ``step`` of ``run_dir`` to ``out`` (None: the best checkpoint of early
+    stopping when the run has one, else the latest; ``choose_checkpoint``).
 
     ``check_data``: Parquet patterns with labels for the self-check (default: the run's
     ``data.eval``); ``check_rows=0`` skips the check and returns None.
@@ -327,7 +328,7 @@ def _load_trained(run_dir: Path, step: int | None) -> tuple[ExperimentConfig, Tr
     Raises:
         CheckpointError: no such checkpoint, damaged files, or weights that do not fit the config.
     """
-    meta = read_meta(find_checkpoint(run_dir, step))
+    meta = read_meta(choose_checkpoint(run_dir, step)[0])
     config = ExperimentConfig.model_validate(meta.config)
     module = build_train_module(config, torch.device("cpu"))
     load_model_state(run_dir, meta.step, module)  # by step: `latest` may move meanwhile

@@ -315,9 +315,9 @@ def importance_from_run(
     batch_size: int | None = None,
     fields: list[str] | None = None,
 ) -> tuple[ImportanceResult, dict[str, Path]]:
-    """Permutation importance of a saved run's checkpoint ``step`` (None: the latest) on ``data``
-    (default: the run's ``data.eval``), written to ``out`` (default: ``RUN_DIR/importance``);
-    ``batch_size`` default: ``importance.batch_size``, else ``training.batch_size``.
+    """Permutation importance of a saved run's checkpoint ``step`` (None: the best, else the
+    latest) on ``data`` (default: the run's ``data.eval``), written to ``out`` (default:
+    ``RUN_DIR/importance``); ``batch_size`` default: ``importance.batch_size``, else ``training.batch_size``.
 
     Raises:
         FileNotFoundError: no run directory, config.yaml or data.

@@ -9,7 +9,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,16 +39,24 @@ class LossHead(nn.Module):
     A module of its own so that TorchRec's pipeline tracer treats it as an fx leaf: the tracer
     follows ``TrainModule.forward`` only to find the sharded tables' inputs, and cannot iterate
     over the label and logit dicts.
+
+    ``shared_parameters``: returns GradNorm's W (the network's ``last_shared_parameters``), asked
+    for at each call: sharding replaces the meta-device parameters, and a stored list would keep
+    the old ones (a registered reference would put them in the state dict twice).
     """
 
-    def __init__(self, loss: MultiTaskLoss) -> None:
+    def __init__(
+        self, loss: MultiTaskLoss, shared_parameters: Callable[[], list[nn.Parameter]] | None = None
+    ) -> None:
         super().__init__()
         self.loss = loss
+        self.shared_parameters = shared_parameters
 
     def forward(
         self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], weights: torch.Tensor
     ) -> tuple[torch.Tensor, StepOutput]:
-        total, task_losses = self.loss(logits, labels, weights)
+        shared = self.shared_parameters() if self.shared_parameters is not None else []
+        total, task_losses = self.loss(logits, labels, weights, shared)
         example_weights = self.loss.example_weights(labels, weights)
         detached = {task: logit.detach() for task, logit in logits.items()}
         return total, StepOutput(total.detach(), task_losses, detached, labels, example_weights)
@@ -60,7 +68,15 @@ class TrainModule(nn.Module):
     def __init__(self, model: MultiTaskModel, loss: MultiTaskLoss) -> None:
         super().__init__()
         self.model = model
-        self.head = LossHead(loss)
+        shared = None
+        if loss.weighting == "gradnorm":
+            shared = getattr(model.network, "last_shared_parameters", None)
+            if shared is None:
+                raise ValueError(
+                    f"gradnorm weighting needs a layer shared by every task; "
+                    f"{type(model.network).__name__} has none"
+                )
+        self.head = LossHead(loss, shared)
 
     @property
     def loss(self) -> MultiTaskLoss:
@@ -110,7 +126,8 @@ def build_train_module(config: ExperimentConfig, device: torch.device) -> TrainM
     in_features = pooled_embedding_width(ebc, exclude=cross_features) + num_dense
     network = build_network(config.model, in_features, task_names, cross_shape(data))
     model = MultiTaskModel(ebc, num_dense, network, cross_features)
-    return TrainModule(model, MultiTaskLoss(loss_specs(data)))
+    loss = MultiTaskLoss(loss_specs(data), config.loss.weighting, config.loss.gradnorm_alpha)
+    return TrainModule(model, loss)
 
 
 def cross_shape(data: DataConfig) -> CrossShape | None:

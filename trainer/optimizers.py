@@ -6,7 +6,7 @@ its state), used by the trainer, the planner and checkpoints.
 Example::
 
     apply_sparse_optimizer(module, config.training.sparse_optimizer)   # before sharding
-    dense = dense_optimizer(dmp, config.training.dense_optimizer)
+    dense = clip_gradients(dense_optimizer(dmp, config.training.dense_optimizer), max_norm=1.0)
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, Collection
 
 import torch
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from towerrec.trainer.config import DenseOptimizerConfig, SparseOptimizerConfig
@@ -85,3 +86,21 @@ def dense_optimizer(
         "sgd": lambda p: torch.optim.SGD(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
     }
     return KeyedOptimizerWrapper(params, factories[cfg.type])
+
+
+def clip_gradients(optimizer: KeyedOptimizer, max_norm: float | None) -> KeyedOptimizer:
+    """``optimizer`` clipping its parameters' gradients to global L2 norm ``max_norm`` inside its
+    ``step`` (TorchRec's GradientClippingOptimizer; ``torch.nn.utils.clip_grad_norm_``, no host
+    sync); unchanged when ``max_norm`` is None.
+
+    Only for optimizers stepped after backward on whole gradients: the dense network's (DDP has
+    all-reduced them, so every rank computes the same norm) and the data-parallel tables'. The
+    sharded tables' fused update happens inside backward and cannot be clipped.
+
+    Example::
+
+        dense = clip_gradients(dense_optimizer(dmp, cfg), max_norm=1.0)
+    """
+    if max_norm is None:
+        return optimizer
+    return GradientClippingOptimizer(optimizer, clipping=GradientClipping.NORM, max_gradient=max_norm)

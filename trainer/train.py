@@ -28,17 +28,20 @@ from towerrec.data.parquet import ParquetDataset, make_dataloader
 from towerrec.trainer.checkpoint import CheckpointManager
 from towerrec.trainer.config import ExperimentConfig, dump_config
 from towerrec.trainer.distributed import DistEnv, lockstep
+from towerrec.trainer.early_stopping import EarlyStopping
 from towerrec.trainer.importance import ImportanceResult, permutation_importance, write_importance
 from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import StepOutput, build_train_module
 from towerrec.trainer.optimizers import (
     apply_sparse_optimizer,
+    clip_gradients,
     dense_optimizer,
     replicated_table_optimizer,
     replicated_tables,
 )
 from towerrec.trainer.planning.plan_file import plan_to_dict
 from towerrec.trainer.progress import TrainProgress
+from towerrec.trainer.schedules import LRSchedule, default_decay_length
 from towerrec.trainer.sharding import plan_sharding, sharders
 
 logger = logging.getLogger(__name__)
@@ -157,8 +160,19 @@ class Trainer:
             sharders=sharders(),
         )
         replicated = replicated_tables(placement)
-        self.dense_optimizer = dense_optimizer(self.model, training.dense_optimizer, exclude=replicated)
+        max_norm = training.grad_clip.max_norm
+        self.dense_optimizer = clip_gradients(
+            dense_optimizer(self.model, training.dense_optimizer, exclude=replicated), max_norm
+        )
         self.table_optimizer = replicated_table_optimizer(self.model, replicated, training.sparse_optimizer)
+        if self.table_optimizer is not None:
+            self.table_optimizer = clip_gradients(self.table_optimizer, max_norm)
+        if max_norm is not None and self.model.fused_optimizer.params and env.is_main:
+            logger.warning(
+                "training.grad_clip: the sharded tables are not clipped (their update is fused "
+                "into backward); the dense network and data-parallel tables are"
+            )
+        self.lr_schedule = self._lr_schedule()
         optimizer = CombinedOptimizer(
             [self.model.fused_optimizer]
             + ([self.table_optimizer] if self.table_optimizer is not None else [])
@@ -173,6 +187,8 @@ class Trainer:
         self.task_names = [t.name for t in config.data.tasks]
         eval_examples = self.eval_set.steps_per_epoch() * training.batch_size * env.world_size
         self.metrics = TaskMetrics(self.task_names, env, training.batch_size, eval_examples)
+        stopping = training.early_stopping
+        self.early_stopping = EarlyStopping(stopping, env) if stopping is not None else None
         # Last: restoring a checkpoint also restores the RNG states, which nothing may draw from
         # before training continues.
         self.checkpoints = CheckpointManager(
@@ -183,11 +199,28 @@ class Trainer:
             self.table_optimizer,
             placement,
             self.train_set,
+            self.early_stopping,
+            lr_schedule=self.lr_schedule,
         )
         self.resumed = self.checkpoints.resume()
         self.step = self.resumed.step if self.resumed else 0
         if self.resumed:
             self.recorder.truncate_after(self.step)
+
+    def _lr_schedule(self) -> LRSchedule:
+        """``training.lr_schedule`` on the dense optimizer and the tables' (fused and, with
+        data-parallel tables, torch) optimizers; each keeps its configured lr as base. The same
+        names on every rank (a rank without fused tables has a fused optimizer without groups)."""
+        training = self.config.training
+        sparse_lr = training.sparse_optimizer.lr
+        optimizers = {
+            "dense": (self.dense_optimizer, training.dense_optimizer.lr),
+            "sparse": (self.model.fused_optimizer, sparse_lr),
+        }
+        if self.table_optimizer is not None:
+            optimizers["tables"] = (self.table_optimizer, sparse_lr)
+        length = default_decay_length(training.lr_schedule, training.epochs, self.train_set.steps_per_epoch())
+        return LRSchedule(training.lr_schedule, optimizers, length)
 
     def _log_plan(self, plan: dict[str, dict[str, Any]]) -> None:
         if not self.env.is_main:
@@ -276,6 +309,8 @@ class Trainer:
                 values = {
                     "loss": window_loss / window_steps,
                     "samples_per_s": window_steps * samples_per_step / elapsed,
+                    "task_weights": self.loss.task_weights(),  # learned by loss.weighting, or ω_k(t)
+                    **self._lrs(),
                 }
                 self.recorder.record("train", self.step, epoch, values)
                 if self.env.is_main:
@@ -287,6 +322,12 @@ class Trainer:
                         values["samples_per_s"],
                     )
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            self.lr_schedule.step()
+
+    def _lrs(self) -> dict[str, float]:
+        """The lrs the last step used: ``lr_dense`` and ``lr_sparse`` (the tables')."""
+        lrs = self.lr_schedule.lrs()
+        return {"lr_dense": lrs["dense"], "lr_sparse": lrs.get("sparse", lrs.get("tables"))}
 
     def fit(self) -> dict[str, dict[str, float]]:
         training = self.config.training
@@ -311,11 +352,12 @@ class Trainer:
             samples_per_step=training.batch_size * self.env.world_size,
         )
         with progress:
-            while epoch < training.epochs:
+            while epoch < training.epochs and not self._stops_early():
                 segments = self._segments(steps_per_epoch - batch)
                 if not segments:
                     break
                 self.loss.set_epoch(epoch)
+                self.lr_schedule.set_epoch(epoch)
                 self.train_set.set_epoch(epoch, start_batch=batch)
                 batches = self._batches(self.train_set)
                 for length, evaluate in segments:
@@ -323,9 +365,12 @@ class Trainer:
                     batch += length
                     if evaluate:
                         final = self.evaluate(epoch)
+                        self._track(final, epoch)
                     self.checkpoints.maybe_save(self.step, epoch, batch, final)
+                    if self._stops_early():
+                        break
                 _close(batches)
-                if batch < steps_per_epoch:  # stopped by max_steps
+                if batch < steps_per_epoch:  # stopped by max_steps or early stopping
                     break
                 epoch, batch = epoch + 1, 0
         self.checkpoints.save_final(self.step, epoch, batch, final)
@@ -334,6 +379,31 @@ class Trainer:
             self.permutation_importance(final)
         self.recorder.close()
         return final
+
+    def _stops_early(self) -> bool:
+        return self.early_stopping is not None and self.early_stopping.should_stop
+
+    def _track(self, metrics: dict[str, dict[str, float]], epoch: int) -> None:
+        """Give an evaluation to early stopping (a new best is saved by ``maybe_save``); record
+        why training stops when it does."""
+        if self.early_stopping is None:
+            return
+        self.early_stopping.update(self.step, metrics)
+        if not self.early_stopping.should_stop:
+            return
+        reason = self.early_stopping.reason()
+        self.recorder.record("stop", self.step, epoch, reason)
+        if self.env.is_main:
+            logger.info(
+                "early stopping at step %d: %s did not improve by more than %g in %d evaluations; "
+                "best %s at step %s",
+                self.step,
+                reason["metric"],
+                reason["min_delta"],
+                reason["patience"],
+                reason["best"],
+                reason["best_step"],
+            )
 
     def permutation_importance(self, baseline: dict[str, dict[str, float]] | None = None) -> ImportanceResult:
         """Permutation importance of every sparse field on the evaluation set with the sharded

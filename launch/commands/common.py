@@ -68,7 +68,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, batch_default: str) -> No
         "--run", required=True, metavar="DIR", help="run directory (config.yaml, checkpoints/)"
     )
     parser.add_argument(
-        "--step", type=int, default=None, metavar="N", help="checkpoint step (None: the latest)"
+        "--step", type=int, default=None, metavar="N", help="checkpoint step (None: best, else latest)"
     )
     parser.add_argument(
         "--batch_size",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from towerrec.launch.commands.common import (
     EXIT_OK,
@@ -25,11 +26,13 @@ def add_parser(subparsers: Subparsers) -> None:
         "evaluate",
         help="metrics of a saved checkpoint on labelled Parquet files, without training",
         description=(
-            "Load checkpoint STEP (default: the latest) of run DIR into the unsharded model on CPU\n"
-            "(one process, whatever world size trained it) and evaluate it on the --data files as\n"
-            "the trainer does: per task auc, ne, logloss, examples, positives. Prints JSON with the\n"
-            "step and epoch of the checkpoint, and writes it to --out. For a final report on test\n"
-            "data, pick the step on validation (RUN_DIR/metrics.jsonl) and evaluate test once.\n\n"
+            "Load checkpoint STEP (default: the best of early stopping, checkpoints/best, when the\n"
+            "run has one, else the latest) of run DIR into the unsharded model on CPU (one process,\n"
+            "whatever world size trained it) and evaluate it on the --data files as the trainer\n"
+            "does: per task auc, ne, logloss, examples, positives. Prints JSON with the step and\n"
+            "epoch of the checkpoint (and which was chosen), and writes it to --out. For a final\n"
+            "report on test data, pick the step on validation (early stopping's best, or\n"
+            "RUN_DIR/metrics.jsonl) and evaluate test once.\n\n"
             "example:\n"
             "  towerrec evaluate --run runs/census-ple --data runs/census/test --out test.json\n"
             "  towerrec evaluate --run runs/demo --step 400 --data 'runs/demo-data/eval/*.parquet'"
@@ -54,10 +57,12 @@ def evaluate(args: argparse.Namespace) -> int:
         import json
 
         from towerrec.data.config import resolve_paths
+        from towerrec.trainer.checkpoint import describe_choice
         from towerrec.trainer.evaluate import RunEvaluator, evaluation_report
 
         files = resolve_paths(args.data, "--data")
         evaluator = RunEvaluator(args.run, args.step, args.batch_size)
+        print(describe_choice(evaluator.meta.path, evaluator.chosen), file=sys.stderr)
         report = evaluation_report(evaluator, files, evaluator.evaluate(files))
         text = json.dumps(report, indent=2)
         print(text)

@@ -27,7 +27,8 @@ def add_parser(subparsers: Subparsers) -> None:
         "export",
         help="write a trained checkpoint as one TorchScript inference artifact",
         description=(
-            "Write checkpoint STEP (default: the latest) of run DIR as one TorchScript file:\n"
+            "Write checkpoint STEP (default: the best of early stopping, checkpoints/best, when the\n"
+            "run has one, else the latest) of run DIR as one TorchScript file:\n"
             "tables through TorchRec's quantize_inference_model, dense towers in eval mode, the\n"
             "feature schema and task names inside. It runs with torch + fbgemm_gpu alone:\n"
             "forward(values, lengths, dense) -> {task: probability}. Before the file replaces\n"
@@ -41,7 +42,7 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--run", required=True, metavar="DIR", help="run directory (its checkpoints/)")
     parser.add_argument(
-        "--step", type=int, default=None, metavar="N", help="checkpoint step (default: latest)"
+        "--step", type=int, default=None, metavar="N", help="checkpoint step (default: best, else latest)"
     )
     parser.add_argument("--out", required=True, metavar="FILE", help="artifact to write")
     parser.add_argument(
@@ -80,7 +81,7 @@ def export(args: argparse.Namespace) -> int:
         print(f"error: --run {args.run}: no such directory", file=sys.stderr)
         return EXIT_USAGE
     from towerrec.data.parquet import DataError
-    from towerrec.trainer.checkpoint import CheckpointError
+    from towerrec.trainer.checkpoint import CheckpointError, choose_checkpoint, describe_choice, read_meta
     from towerrec.trainer.export import TOLERANCES, ExportCheckError, Tolerance, export_model
 
     default = TOLERANCES[args.quantize]
@@ -89,8 +90,11 @@ def export(args: argparse.Namespace) -> int:
         default.max_dauc if args.max_dauc is None else args.max_dauc,
     )
     try:
+        step_dir, chosen = choose_checkpoint(args.run, args.step)
+        print(describe_choice(step_dir, chosen), file=sys.stderr)
+        step = read_meta(step_dir).step  # by step: `latest` and `best` may move meanwhile
         report = export_model(
-            args.run, args.out, args.step, args.quantize, args.check_data, args.check_rows, tolerance
+            args.run, args.out, step, args.quantize, args.check_data, args.check_rows, tolerance
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

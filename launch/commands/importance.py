@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from towerrec.launch.commands.common import (
     EXIT_OK,
@@ -25,8 +26,9 @@ def add_parser(subparsers: Subparsers) -> None:
         "importance",
         help="permutation feature importance per task of a saved checkpoint, and its divergence",
         description=(
-            "For every sparse field (or --fields), evaluate checkpoint STEP (default: the latest)\n"
-            "of run DIR with that field's values permuted among the rows, and report per task the\n"
+            "For every sparse field (or --fields), evaluate checkpoint STEP (default: the best of\n"
+            "early stopping, checkpoints/best, when the run has one, else the latest) of run DIR\n"
+            "with that field's values permuted among the rows, and report per task the\n"
             "AUC drop against the unpermuted baseline, each task's ranking of the fields, the\n"
             "Spearman correlation of those rankings for every task pair and the fields whose AUC\n"
             "drop differs most. Writes OUT/importance.json, importance.md and importance.png.\n"
@@ -58,10 +60,13 @@ def importance(args: argparse.Namespace) -> int:
     """``towerrec importance`` (exit codes: :func:`run_errors`)."""
 
     def run() -> int:
+        from towerrec.trainer.checkpoint import describe_choice
         from towerrec.trainer.importance import importance_from_run, importance_markdown
 
         fields = [f for f in args.fields.split(",") if f] if args.fields else None
         result, paths = importance_from_run(args.run, args.step, args.data, args.out, args.batch_size, fields)
+        checkpoint = result.source["checkpoint"]
+        print(describe_choice(checkpoint["path"], checkpoint["chosen"]), file=sys.stderr)
         print(importance_markdown(result))
         for path in paths.values():
             print(f"wrote {os.path.abspath(path)}")

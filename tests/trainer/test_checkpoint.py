@@ -45,6 +45,14 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
     return out
 
 
+# Warmup over 4 steps, then cosine down to 0.1 over the rest of 2 epochs (32 - 4 steps).
+SCHEDULE = [
+    "training.lr_schedule.warmup_steps=4",
+    "training.lr_schedule.decay=cosine",
+    "training.lr_schedule.min_lr_ratio=0.1",
+]
+
+
 def _uninterrupted_and_resumed(rank: int, world_size: int, config_path: str, root: str) -> dict:
     from towerrec.trainer.config import load_config
     from towerrec.trainer.distributed import init_distributed
@@ -57,6 +65,7 @@ def _uninterrupted_and_resumed(rank: int, world_size: int, config_path: str, roo
         "training.eval_interval=8",
         "training.shuffle_buffer=600",  # shuffled within a worker: the skip replays the shuffle
         "model.mlp.dropout=0.1",  # draws from the torch RNG every step: restored per rank
+        *SCHEDULE,  # another lr at every step, restored from the checkpoint
         "checkpoint.interval=3",
         "sharding.constraints.device.sharding_types=[data_parallel]",  # the table optimizer too
         "sharding.constraints.user.sharding_types=[column_wise]",
@@ -112,6 +121,14 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one_bitwise(
     assert len(stop_eval) == 1
     assert records("a") == [x for x in records("b") if x not in stop_eval]
     assert [x["step"] for x in records("b") if x["phase"] == "train"] == list(range(1, 21))
+    # The lrs each step used (logged at every step): 1e-3 (dense) and 0.05 (tables) x the schedule.
+    train = [x for x in records("b") if x["phase"] == "train"]
+    for x in train:
+        s = x["step"] - 1
+        factor = (s + 1) / 4 if s < 4 else 0.1 + 0.9 * (1 + np.cos(np.pi * (s - 4) / 28)) / 2
+        assert x["lr_dense"] == pytest.approx(1e-3 * factor, rel=1e-12)
+        assert x["lr_sparse"] == pytest.approx(0.05 * factor, rel=1e-12)
+    assert len({x["lr_dense"] for x in train}) == 20 - 1  # steps 4 and 5 both at the peak
     checkpoints = tmp_path / "b" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-00000020"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-00000018", "step-00000020"]

@@ -92,6 +92,7 @@ def test_cli_prints_and_writes_json_with_step_and_epoch(
         "path": str(saved_run / "checkpoints" / "step-00000005"),
         "epoch": 0,
         "batch_in_epoch": 5,
+        "chosen": "--step",
     }
     assert len(written["data"]) == 3 and written["batch_size"] == 512
     _assert_close(written["metrics"], _eval_lines(saved_run)[5])

@@ -18,6 +18,7 @@ Layout (a contract: ``trainer.export`` reads it)::
         .metadata, __<rank>_0.distcp      DCP's index and every rank's data
         meta.json                         rank 0: step, epoch, world size, config, plan, tables
     RUN_DIR/checkpoints/latest            "step-00000040": the newest complete checkpoint
+    RUN_DIR/checkpoints/best              "step-00000032": early stopping's best (never pruned)
 
 Entries of the DCP state dict:
 
@@ -34,10 +35,12 @@ Entries of the DCP state dict:
 Atomic save: every rank writes into ``step-XXXXXXXX.tmp``; after DCP's collective finish (all
 data and ``.metadata`` written) rank 0 writes meta.json, renames the directory, then replaces
 ``latest`` (``towerrec.data.files.atomic_output``: write, fsync, ``os.replace``); retention
-deletes the oldest. A process killed anywhere before the last rename leaves ``latest`` and its
-checkpoint as they were; leftovers (``.tmp`` directories, a renamed directory ``latest`` never
-pointed to) are deleted when the run resumes. A failed save raises on every rank and changes
-nothing that was complete.
+deletes the oldest but the one ``best`` names (written after ``latest`` when
+``training.early_stopping`` saves a new best step; its state is in meta.json, and a resumed
+run repairs ``best`` if a kill came between the two). A process killed anywhere before the last
+rename leaves ``latest`` and its checkpoint as they were; leftovers (``.tmp`` directories, a
+renamed directory ``latest`` never pointed to) are deleted when the run resumes. A failed save
+raises on every rank and changes nothing that was complete.
 
 Resume policy (``checkpoint.resume``): ``auto`` continues from ``latest`` if there is one,
 ``required`` fails without one, ``never`` refuses a run directory that holds checkpoints. Before
@@ -54,8 +57,11 @@ keeps none; it is set to the global step, and only matters with an lr decay, whi
 from towerrec.trainer.checkpoint.integrity import load_model_state, verify_files
 from towerrec.trainer.checkpoint.layout import (
     CheckpointError,
+    best_checkpoint,
     checkpoint_root,
+    choose_checkpoint,
     complete_steps,
+    describe_choice,
     find_checkpoint,
     latest_checkpoint,
     step_dir_name,
@@ -69,8 +75,11 @@ __all__ = [
     "CheckpointManager",
     "CheckpointMeta",
     "ResumePoint",
+    "best_checkpoint",
     "checkpoint_root",
+    "choose_checkpoint",
     "complete_steps",
+    "describe_choice",
     "find_checkpoint",
     "latest_checkpoint",
     "load_model_state",

@@ -1,11 +1,15 @@
-"""The folder layout of a run's checkpoints: step directories, ``latest``, publishing a save
-atomically, retention and the leftovers of interrupted saves.
+"""The folder layout of a run's checkpoints: step directories, ``latest`` and ``best``,
+publishing a save atomically, retention and the leftovers of interrupted saves.
 
 Example::
 
     root = checkpoint_root("runs/demo")                 # runs/demo/checkpoints
     publish(root / "step-00000040.tmp", keep_last=2)    # rename, point latest to it, prune
     find_checkpoint("runs/demo")                        # runs/demo/checkpoints/step-00000040
+    choose_checkpoint("runs/demo", None)                # best if there is one, else latest
+
+``best`` (written when early stopping names a new best step) is a pointer file like ``latest``;
+retention keeps its checkpoint in addition to the newest ``keep_last``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from towerrec.data.files import atomic_output, fsync_dir
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
+BEST = "best"
 META = "meta.json"
 TMP_SUFFIX = ".tmp"
 
@@ -55,7 +60,16 @@ def complete_steps(run_dir: str | Path) -> list[int]:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The directory ``checkpoints/latest`` names, or None when there is no ``latest``."""
-    pointer = checkpoint_root(run_dir) / LATEST
+    return _pointed(run_dir, LATEST)
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The directory ``checkpoints/best`` names (early stopping's best step), or None."""
+    return _pointed(run_dir, BEST)
+
+
+def _pointed(run_dir: str | Path, pointer_name: str) -> Path | None:
+    pointer = checkpoint_root(run_dir) / pointer_name
     if not pointer.is_file():
         return None
     return checkpoint_root(run_dir) / pointer.read_text().strip()
@@ -88,12 +102,44 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return directory
 
 
-def publish(tmp: Path, keep_last: int) -> Path:
-    """Make the complete save in ``step-XXXXXXXX.tmp`` the latest checkpoint, then delete all
-    but the newest ``keep_last``. Returns the checkpoint directory.
+def choose_checkpoint(run_dir: str | Path, step: int | None) -> tuple[Path, str]:
+    """The checkpoint a saved-run command reads, and why: ``step`` when given, else ``best`` when
+    the run has one, else ``latest``.
 
-    Renames ``tmp``, fsyncs the folder, then replaces ``latest``: a crash before the last
-    rename leaves ``latest`` and its checkpoint as they were.
+    Example::
+
+        path, why = choose_checkpoint("runs/demo", None)   # (.../step-00000040, "best")
+
+    Raises:
+        CheckpointError: as :func:`find_checkpoint`, or ``best`` names a missing directory.
+    """
+    if step is not None:
+        return find_checkpoint(run_dir, step), "--step"
+    best = best_checkpoint(run_dir)
+    if best is None:
+        return find_checkpoint(run_dir), LATEST
+    if not best.is_dir():
+        raise CheckpointError(f"{checkpoint_root(run_dir) / BEST} names {best.name}, which does not exist")
+    return best, BEST
+
+
+def describe_choice(step_dir: Path, why: str) -> str:
+    """What a saved-run command tells the user about :func:`choose_checkpoint`'s answer."""
+    because = {
+        BEST: "checkpoints/best: early stopping's best evaluation; --step N reads another",
+        LATEST: "checkpoints/latest: the run has no best checkpoint",
+    }.get(why, why)
+    return f"checkpoint {step_dir} ({because})"
+
+
+def publish(tmp: Path, keep_last: int, best: bool = False) -> Path:
+    """Make the complete save in ``step-XXXXXXXX.tmp`` the latest checkpoint (and with ``best``
+    the best one too), then delete all but the newest ``keep_last`` and the best. Returns the
+    checkpoint directory.
+
+    Renames ``tmp``, fsyncs the folder, then replaces ``latest``, then ``best``: a crash before
+    the rename of ``latest`` leaves both pointers and their checkpoints as they were; one
+    between the two leaves ``best`` at the previous best, which still exists.
     """
     root, final = tmp.parent, tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX))
     if final.exists():  # a leftover that latest never named: replaced only now
@@ -105,11 +151,23 @@ def publish(tmp: Path, keep_last: int) -> Path:
     else:
         os.rename(tmp, final)
     fsync_dir(root)
-    with atomic_output(root / LATEST) as pointer:
-        pointer.write_text(final.name + "\n")
+    for name in [LATEST, BEST] if best else [LATEST]:
+        _point(root / name, final)
+    kept = best_checkpoint(root.parent)
     for step in complete_steps(root.parent)[:-keep_last]:
-        shutil.rmtree(root / step_dir_name(step))
+        if kept is None or kept.name != step_dir_name(step):
+            shutil.rmtree(root / step_dir_name(step))
     return final
+
+
+def mark_best(run_dir: str | Path, step: int) -> None:
+    """Point ``best`` to checkpoint ``step`` (a resumed run repairing a pointer write cut short)."""
+    _point(checkpoint_root(run_dir) / BEST, find_checkpoint(run_dir, step))
+
+
+def _point(pointer: Path, step_dir: Path) -> None:
+    with atomic_output(pointer) as tmp:
+        tmp.write_text(step_dir.name + "\n")
 
 
 def remove_leftovers(root: Path, latest_step: int | None) -> None:
@@ -118,7 +176,8 @@ def remove_leftovers(root: Path, latest_step: int | None) -> None:
     if not root.is_dir():
         return
     for path in root.iterdir():
-        if path.is_file() and path.name.startswith(f".{LATEST}.") and path.name.endswith(TMP_SUFFIX):
+        pointer_tmp = path.name.startswith((f".{LATEST}.", f".{BEST}.")) and path.name.endswith(TMP_SUFFIX)
+        if path.is_file() and pointer_tmp:
             path.unlink()  # atomic_output's temporary file of a pointer write cut short
             continue
         step = step_of(path.name.removesuffix(TMP_SUFFIX).removesuffix(".old"))

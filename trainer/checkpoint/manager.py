@@ -5,6 +5,7 @@ Example::
     manager = CheckpointManager(config, env, model, dense_opt, table_opt, plan, train_set)
     point = manager.resume()              # None: a fresh run; else where to continue
     manager.maybe_save(step, epoch, batch, eval_metrics)   # every checkpoint.interval steps
+                                                           # and at early stopping's new best
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from towerrec.trainer.checkpoint.layout import (
     LATEST,
     TMP_SUFFIX,
     CheckpointError,
+    best_checkpoint,
     checkpoint_root,
     complete_steps,
     find_checkpoint,
     latest_checkpoint,
+    mark_best,
     publish,
     remove_leftovers,
     step_dir_name,
@@ -66,7 +69,9 @@ from towerrec.trainer.checkpoint.train_state import (
 )
 from towerrec.trainer.config import ExperimentConfig
 from towerrec.trainer.distributed import DistEnv
+from towerrec.trainer.early_stopping import EarlyStopping
 from towerrec.trainer.optimizers import TORCH_STATE_NAMES
+from towerrec.trainer.schedules import LRSchedule
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +87,9 @@ class CheckpointManager:
         table_optimizer: the data-parallel tables' KeyedOptimizer (None without such tables).
         plan: ``plan_to_dict`` of the model's sharding plan.
         train_set: the training data, for the data position and its layout.
+        early_stopping: its state is saved and restored; its new best steps are saved and
+            become ``checkpoints/best``.
+        lr_schedule: its schedulers' state is saved (meta.json) and restored.
     """
 
     def __init__(
@@ -93,6 +101,8 @@ class CheckpointManager:
         table_optimizer: Any | None,
         plan: dict[str, dict[str, Any]],
         train_set: ParquetDataset,
+        early_stopping: EarlyStopping | None = None,
+        lr_schedule: LRSchedule | None = None,
     ) -> None:
         self.config = config
         self.settings = config.checkpoint
@@ -102,6 +112,8 @@ class CheckpointManager:
         self.table_optimizer = table_optimizer
         self.plan = plan
         self.train_set = train_set
+        self.early_stopping = early_stopping
+        self.lr_schedule = lr_schedule
         self.root = checkpoint_root(config.run_dir)
         self.layout = data_layout(train_set, config.training.num_workers)
         self.last_saved_step: int | None = None
@@ -135,9 +147,13 @@ class CheckpointManager:
 
     # ---- saving --------------------------------------------------------------------------
 
+    def _is_best(self, step: int) -> bool:
+        return self.early_stopping is not None and self.early_stopping.best_step == step
+
     def maybe_save(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> bool:
-        """Save if ``step`` is a multiple of ``checkpoint.interval``."""
-        if self.interval and step % self.interval == 0 and step != self.last_saved_step:
+        """Save if ``step`` is a multiple of ``checkpoint.interval`` or early stopping's new best."""
+        due = (self.interval and step % self.interval == 0) or self._is_best(step)
+        if self.settings.enabled and due and step != self.last_saved_step:
             self.save(step, epoch, batch, eval_metrics)
             return True
         return False
@@ -194,7 +210,7 @@ class CheckpointManager:
 
         def finish() -> Path:
             meta.write(tmp)
-            return publish(tmp, self.settings.keep_last)
+            return publish(tmp, self.settings.keep_last, best=self._is_best(step))
 
         final = self._on_main(finish)
         self.last_saved_step = step
@@ -228,6 +244,8 @@ class CheckpointManager:
             data=self.layout,
             data_position=DataPosition(epoch=epoch, batch=batch, batches_per_worker=taken),
             eval_metrics=eval_metrics,
+            early_stopping=self.early_stopping.state_dict() if self.early_stopping is not None else None,
+            lr_schedule=self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
             saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             versions={p: _version(p) for p in ("torch", "torchrec", "fbgemm_gpu_cpu", "fbgemm_gpu")},
         )
@@ -247,6 +265,11 @@ class CheckpointManager:
         if meta is None:
             return None
         self._load(meta)
+        if self.lr_schedule is not None:
+            self._load_lr_schedule(meta)
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(meta.early_stopping)
+            self._on_main(self._repair_best)
         point = resume_point(meta, self.layout, self.env.world_size, log=self.env.is_main)
         if self.env.is_main:
             logger.info(
@@ -259,6 +282,25 @@ class CheckpointManager:
             )
         self.last_saved_step = meta.step
         return point
+
+    def _load_lr_schedule(self, meta: CheckpointMeta) -> None:
+        """Continue the lr schedule at the checkpoint's step (it is stepped once per step)."""
+        assert self.lr_schedule is not None
+        if meta.lr_schedule is not None:
+            self.lr_schedule.load_state_dict(meta.lr_schedule)
+            return
+        if self.env.is_main:
+            logger.info("%s has no lr schedule state: continuing it at step %d", meta.path, meta.step)
+        self.lr_schedule.seek(meta.step, meta.epoch)
+
+    def _repair_best(self) -> None:
+        """Rank 0: point ``best`` to the restored best step if a save was cut short between
+        moving ``latest`` and ``best``."""
+        step = self.early_stopping.best_step if self.early_stopping is not None else None
+        best = best_checkpoint(self.config.run_dir)
+        if step is not None and step in complete_steps(self.config.run_dir):
+            if best is None or best.name != step_dir_name(step):
+                mark_best(self.config.run_dir, step)
 
     def _choose(self) -> CheckpointMeta | None:
         """Rank 0: the checkpoint to resume from, checked against this run; leftovers removed."""

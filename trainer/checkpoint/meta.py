@@ -74,6 +74,10 @@ class CheckpointMeta(StrictModel):
     data: DataLayout
     data_position: DataPosition
     eval_metrics: dict[str, Any]
+    # trainer.early_stopping's state (best value and step, evaluations since); None: it was off
+    early_stopping: dict[str, Any] | None = None
+    # trainer.schedules.LRSchedule.state_dict(): the lr schedulers' state; None: saved before them
+    lr_schedule: dict[str, Any] | None = None
     saved_at: str
     versions: dict[str, str | None]
     _path: Path = PrivateAttr(default_factory=Path)
