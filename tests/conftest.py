@@ -25,6 +25,22 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def quiet_torchrec():
+    """TorchRec's planner logs at ERROR and no Python warnings for one test (restored after):
+    tests that plan many tables would otherwise print pages of notices."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torchrec")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    logger.setLevel(level)
+
+
 def starts_processes(fn: Callable[..., Any], seen: set[int] | None = None) -> bool:
     """Whether ``fn``, or a function of tests/ it calls (helpers and fixtures, transitively),
     names one of :data:`PROCESS_STARTERS`.

@@ -5,10 +5,8 @@ test_planning_train.py for the plan-file round trip through a real 2-rank run)."
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CPU_TYPES = {"data_parallel", "table_wise", "column_wise", "table_column_wise"}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_torchrec")
 
 
 def raw_config(tables: list[tuple[str, int, int]], constraints: dict | None = None, batch: int = 512) -> dict:

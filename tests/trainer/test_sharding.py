@@ -5,8 +5,6 @@ fails on every rank with the planner's message. Real 2-rank gloo runs under torc
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,7 @@ from towerrec.trainer.sharding import host_memory_bytes, job_topology
 RUN = ["training.batch_size=256", "training.max_steps=4", "checkpoint.enabled=false"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_torchrec")
 
 
 def _planned(config_path: Path, overrides: list[str], planner: str) -> dict:

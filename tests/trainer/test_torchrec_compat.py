@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import logging
-import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -85,12 +83,7 @@ SIGNATURES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_torchrec")
 
 
 def changed(internal: str, wrapper: str) -> str:

@@ -130,12 +130,7 @@ def test_every_table_learns_whatever_its_placement(synth_data: Path, tmp_path: P
 
 def test_bad_row_stops_every_rank_with_a_named_error(synth_data: Path, tmp_path: Path) -> None:
     # A last file (rank 1's share of the rows) whose row 37 has an item id beyond the table.
-    good = pq.read_table(next((synth_data / "train").glob("*.parquet"))).slice(0, 300)
-    item_ids = good.column("item_id").to_pylist()
-    item_ids[37] = 10**9
-    bad = good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(item_ids, pa.int64()))
-    bad_file = tmp_path / "zz-bad.parquet"
-    pq.write_table(bad, bad_file, row_group_size=100)
+    bad_file = _file_with_bad_item_id(synth_data / "train", tmp_path)
     result = torchrun(
         synth_data / "config.yaml",
         [
@@ -160,12 +155,7 @@ def test_bad_eval_row_stops_every_rank_from_the_eval_pipelines_loader_thread(
 ) -> None:
     """Evaluation reads in TorchRec's eval pipeline's loader thread (lockstep on its own gloo
     group): a bad row there still stops every rank with the named error, at once."""
-    good = pq.read_table(next((synth_data / "eval").glob("*.parquet"))).slice(0, 300)
-    item_ids = good.column("item_id").to_pylist()
-    item_ids[37] = 10**9
-    bad = good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(item_ids, pa.int64()))
-    bad_file = tmp_path / "zz-bad.parquet"
-    pq.write_table(bad, bad_file, row_group_size=100)
+    bad_file = _file_with_bad_item_id(synth_data / "eval", tmp_path)
     result = torchrun(
         synth_data / "config.yaml",
         [
@@ -183,3 +173,15 @@ def test_bad_eval_row_stops_every_rank_from_the_eval_pipelines_loader_thread(
         assert fragment in err, f"{fragment!r} missing from:\n{err[-3000:]}"
     assert "[rank 0] error: RankFailure: input failed on 1 of 2 ranks" in err
     assert "[rank 1] error: RankFailure: input failed on 1 of 2 ranks" in err
+
+
+def _file_with_bad_item_id(split: Path, tmp_path: Path) -> Path:
+    """300 rows of ``split``'s first file, row 37's item id beyond its table; named to sort last
+    (so it is the last rank's share)."""
+    good = pq.read_table(next(split.glob("*.parquet"))).slice(0, 300)
+    item_ids = good.column("item_id").to_pylist()
+    item_ids[37] = 10**9
+    bad = good.set_column(good.schema.get_field_index("item_id"), "item_id", pa.array(item_ids, pa.int64()))
+    bad_file = tmp_path / "zz-bad.parquet"
+    pq.write_table(bad, bad_file, row_group_size=100)
+    return bad_file
