@@ -518,10 +518,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _torchrun(
-    config: Path, overrides: list[str], log: Path, pause: tuple[int, float] | None = None
+    config: Path,
+    overrides: list[str],
+    log: Path,
+    pause: tuple[int, float] | None = None,
+    max_file_bytes: int | None = None,
 ) -> subprocess.Popen:
     """``towerrec.trainer.main`` on 2 ranks; ``pause=(step, seconds)``: every rank sleeps inside
-    the save of ``step`` (tests/trainer/paused_save_main.py)."""
+    the save of ``step`` (tests/trainer/paused_save_main.py); ``max_file_bytes``: the job's file
+    size limit (``ulimit -f``), a disk that refuses large writes."""
     from dist_utils import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -540,7 +545,14 @@ def _torchrun(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=None if max_file_bytes is None else lambda: _limit_file_size(max_file_bytes),
         )
+
+
+def _limit_file_size(size: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def _kill_tree(pid: int) -> None:
@@ -606,3 +618,38 @@ def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
     assert "resumed from" in text and "step 3, epoch 0, batch 3" in text
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-00000006", "step-00000009"]
     assert (checkpoints / "latest").read_text().strip() == "step-00000009"
+
+
+def test_a_save_that_hits_the_file_size_limit_stops_the_run_and_keeps_latest(
+    synth_data: Path, tmp_path: Path
+) -> None:
+    """``ulimit -f`` (RLIMIT_FSIZE) below a checkpoint's size: the save fails with EFBIG on every
+    rank; the run stops with a message naming the failed save and the intact ``latest``, which
+    a later run resumes from."""
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", *SMALL, "checkpoint.interval=4", "checkpoint.keep_last=1"]
+    config = synth_data / "config.yaml"
+    first = _torchrun(config, [*overrides, "training.max_steps=4"], tmp_path / "first.log")
+    assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    saved = checkpoints / "step-00000004"
+    assert (checkpoints / "latest").read_text().strip() == saved.name
+    shard_bytes = max(f.stat().st_size for f in saved.iterdir())
+
+    log = tmp_path / "limited.log"
+    limited = _torchrun(config, [*overrides, "training.max_steps=8"], log, max_file_bytes=shard_bytes // 2)
+    assert limited.wait(timeout=240) != 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "saving checkpoint step-00000008 failed" in text, text[-3000:]
+    assert "the latest complete checkpoint (step-00000004) is unchanged" in text
+    assert text.count("File too large") >= 1
+    assert (checkpoints / "latest").read_text().strip() == saved.name
+    assert not (checkpoints / "step-00000008").exists()
+    from towerrec.trainer.checkpoint import load_model_state
+
+    assert load_model_state(run_dir, None, _plain_module(synth_data)).step == 4  # still loads
+
+    again = _torchrun(config, [*overrides, "training.max_steps=8"], tmp_path / "again.log")
+    assert again.wait(timeout=240) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    assert "step 4, epoch 0, batch 4" in (tmp_path / "again.log").read_text()
+    assert (checkpoints / "latest").read_text().strip() == "step-00000008"
