@@ -227,7 +227,7 @@ class DTN(nn.Module):
         return self.forward_with_gates(x, cross)[0]
 
     def last_shared_parameters(self) -> List[nn.Parameter]:
-        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        """GradNorm's W (``modules.loss``), the shared block (all its layers): the parameters of
         the shared FI group (read by every task's pool gate)."""
         return list(self.shared_group.parameters())
 

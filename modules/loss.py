@@ -152,7 +152,7 @@ class MultiTaskLoss(nn.Module):
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return ``(total loss, {task: detached L_k})``; logits, labels, weights are ``[B]``.
 
-        ``shared``: GradNorm's W, the parameters of the last layer every task shares (required by
+        ``shared``: GradNorm's W, the parameters of the shared block (required by
         ``gradnorm`` in training; ignored otherwise).
         """
         losses = self.task_losses(logits, labels, weights)

@@ -78,6 +78,6 @@ class MMoE(nn.Module):
         return self.forward_with_gates(x)[0]
 
     def last_shared_parameters(self) -> List[nn.Parameter]:
-        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        """GradNorm's W (``modules.loss``), the shared block (all its layers): the parameters of
         the experts."""
         return list(self.experts.parameters())

@@ -190,7 +190,7 @@ class PLE(nn.Module):
         return self.forward_with_gates(x)[0]
 
     def last_shared_parameters(self) -> List[nn.Parameter]:
-        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        """GradNorm's W (``modules.loss``), the shared block (all its layers): the parameters of
         the last level's shared experts."""
         return list(self.levels[-1].shared_experts.parameters())
 

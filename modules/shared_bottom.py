@@ -55,6 +55,6 @@ class SharedBottom(nn.Module):
         return {t: self.towers[t](shared) for t in self.task_names}
 
     def last_shared_parameters(self) -> List[nn.Parameter]:
-        """GradNorm's W (``modules.loss``), the last layer every task shares: the parameters of
+        """GradNorm's W (``modules.loss``), the shared block (all its layers): the parameters of
         the bottom MLP."""
         return list(self.bottom.parameters())

@@ -18,6 +18,7 @@ from towerrec.data.parquet import DataError
 from towerrec.trainer.checkpoint import CheckpointError
 from towerrec.trainer.config import ConfigError, add_config_arguments, load_config, validate_data
 from towerrec.trainer.distributed import RankFailure, describe_error, init_distributed
+from towerrec.trainer.planning.plan_file import PlanFileError
 from towerrec.trainer.planning.planner import PlanningError
 from towerrec.trainer.quiet import silence_known_warnings
 from towerrec.trainer.train import train
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(config.training.collective_timeout_s)
     try:
         train(config, env)
-    except (DataError, RankFailure, CheckpointError, PlanningError) as e:
+    except (DataError, RankFailure, CheckpointError, PlanningError, PlanFileError) as e:
         print(f"[rank {env.rank}] error: {describe_error(e)}", file=sys.stderr)
         return 1
     finally:

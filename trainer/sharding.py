@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ def host_memory_bytes() -> int:
     """This host's memory: physical memory, or the cgroup's limit when lower (a container)."""
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
     except OSError:
         return physical
     return min(physical, int(limit)) if limit.isdigit() else physical

@@ -48,10 +48,12 @@ loading, rank 0 checks the files (every ``.distcp`` file as long as ``.metadata`
 tables (names, rows, dims) against the config and every model tensor's shape, and raises one
 :class:`CheckpointError` listing all differences. Where the data continues: ``train_state``.
 
-Not saved, because the config defines them: learning rates and optimizer hyper-parameters (there
-is no LR schedule; a changed config value applies from the resumed step, with a warning listing
-the config differences), and the step count of the data-parallel tables' torch optimizers (fbgemm
-keeps none; it is set to the global step, and only matters with an lr decay, which is not used).
+meta.json also holds the learning-rate schedule's state (``training.lr_schedule``: epoch and each
+scheduler's step, resumed exactly) and early stopping's (best value and step, evaluations since).
+Not saved, because the config defines them: base learning rates and optimizer hyper-parameters (a
+changed config value applies from the resumed step, with a warning listing the config differences),
+and the step count of the data-parallel tables' torch optimizers (fbgemm keeps none; it is set to
+the global step).
 """
 
 from towerrec.trainer.checkpoint.integrity import load_model_state, verify_files

@@ -104,7 +104,7 @@ def mismatch_error(step_dir: Path, differences: list[str]) -> CheckpointError:
     )
 
 
-def describe_error(error: BaseException) -> str:
+def describe_dcp_error(error: BaseException) -> str:
     """One line per failed rank of a DCP error (its tracebacks are pages long)."""
     if isinstance(error, CheckpointException):
         return "; ".join(
@@ -141,6 +141,6 @@ def load_model_state(run_dir: str | Path, step: int | None, module: torch.nn.Mod
     try:
         dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, reported as one
-        raise CheckpointError(f"checkpoint {step_dir} could not be read: {describe_error(e)}") from None
+        raise CheckpointError(f"checkpoint {step_dir} could not be read: {describe_dcp_error(e)}") from None
     module.load_state_dict(state)
     return meta

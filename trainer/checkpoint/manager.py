@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from towerrec.data.parquet import ParquetDataset, resume_plan
 from towerrec.trainer.checkpoint.integrity import (
-    describe_error,
+    describe_dcp_error,
     mismatch_error,
     table_differences,
     tensor_differences,
@@ -202,7 +202,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, as one
             latest = latest_checkpoint(self.config.run_dir)
             raise CheckpointError(
-                f"saving checkpoint {name} failed ({describe_error(e)}); the latest complete checkpoint "
+                f"saving checkpoint {name} failed ({describe_dcp_error(e)}); the latest complete checkpoint "
                 f"({latest.name if latest else 'none'}) is unchanged"
             ) from None
         # dcp.save returned on every rank: every rank's data and DCP's .metadata are written.
@@ -390,7 +390,8 @@ class CheckpointManager:
                 process_group=self.env.cpu_group,
             )
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, as one
-            raise CheckpointError(f"checkpoint {step_dir} could not be read: {describe_error(e)}") from None
+            reason = describe_dcp_error(e)
+            raise CheckpointError(f"checkpoint {step_dir} could not be read: {reason}") from None
         targets.fill()
         self.model.load_state_dict(model_state)
         self.dense_optimizer.load_state_dict(dense_state)
