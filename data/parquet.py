@@ -52,7 +52,14 @@ group, column, row within the file, the value and what was expected.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -457,6 +464,42 @@ class ParquetDataset(IterableDataset[Batch]):
         n, w, r = self.num_rows, self.world_size, self.rank
         return r * n // w, (r + 1) * n // w
 
+    def batch_rows(self, batch: int, num_workers: int = 0) -> tuple[list[tuple[str, int, int]], bool]:
+        """Where the loader's ``batch``-th batch (from 0) of this rank's current epoch was read,
+        with ``num_workers`` DataLoader workers: ``(file, first row, end row)`` ranges of rows
+        within each file (none for a batch of padding only), and whether its rows were drawn at
+        random from them (``shuffle_buffer``: the ranges are then its shuffle group's). Worked out
+        from the layout alone (module docstring); reads no data.
+
+        Example::
+
+            ds.batch_rows(6)   # ([("data/part-0.parquet", 3072, 3584)], False)
+        """
+        steps, size, workers = self.steps_per_epoch(), self.batch_size, max(num_workers, 1)
+        role, taken = resume_plan(steps, workers, batch)  # whose turn it was, and its progress
+        stretch_start, stretch_end = role * steps // workers, (role + 1) * steps // workers
+        first = stretch_start + taken[role]
+        last = first + 1
+        if self.shuffle_buffer > 0:
+            group = _ceil_div(self.shuffle_buffer, size)
+            first = stretch_start + taken[role] // group * group
+            last = min(first + group, stretch_end)
+        start, end = self.rank_rows()
+        lo, hi = min(start + first * size, end), min(start + last * size, end)
+        ranges: list[tuple[str, int, int]] = []
+        offset = 0
+        for group_ in self._row_groups():
+            begin, stop = max(lo, offset) - offset, min(hi, offset + group_.rows) - offset
+            offset += group_.rows
+            if begin >= stop:
+                continue
+            path, a, b = self.files[group_.file], group_.first_row + begin, group_.first_row + stop
+            if ranges and ranges[-1][0] == path and ranges[-1][2] == a:
+                ranges[-1] = (path, ranges[-1][1], b)  # consecutive row groups of one file
+            else:
+                ranges.append((path, a, b))
+        return ranges, self.shuffle_buffer > 0
+
     def __iter__(self) -> Iterator[Batch]:
         return (packed.unpack() for packed in self.packed_batches())
 
@@ -646,5 +689,42 @@ def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: 
         # model's random stream (dropout) then depends only on the steps taken, which a resumed
         # run restores exactly. The batches use no worker RNG (their shuffles are seeded).
         generator=torch.Generator().manual_seed(dataset.seed),
+        worker_init_fn=functools.partial(_init_worker, os.getpid()),
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
     )
     return BatchLoader(loader)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers start from a forkserver, not by forking the rank: a forked worker shares the rank's
+    tables copy-on-write, and every page training updates afterwards becomes the worker's own copy
+    (up to one extra copy of the rank's tables per worker over an epoch). The server preloads this
+    module, so a worker starts in milliseconds; it also inherits none of the rank's gloo sockets."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _init_worker(rank_pid: int, worker_id: int) -> None:
+    _ignore_sigterm(worker_id)
+    threading.Thread(target=_exit_with, args=(rank_pid,), name="exit-with-rank", daemon=True).start()
+
+
+def _exit_with(rank_pid: int, poll_s: float = 1.0) -> None:
+    """End the worker once its rank is gone (kill -9, OOM). Its parent is the forkserver, which
+    lives while any of its children does (each holds the server's alive pipe), so the DataLoader's
+    own check of the parent would never fire: the worker, its forkserver and their resource
+    tracker would outlive a killed rank for good."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(rank_pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (the pid may be another's by now)
+            os._exit(0)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Workers leave SIGTERM to the trainer (trainer.preemption), which ends them when it stops: a
+    SIGTERM sent to every process of a job (Slurm, ``kill -- -PGID``) would otherwise kill them
+    first, and the trainer would fail at its next batch instead of saving."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

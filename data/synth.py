@@ -14,6 +14,10 @@ Schema (one row = one impression):
   through the same ``item`` table as ``item_id``.
 * dense float32, roughly N(0, 1): ``price``, ``user_age``, ``item_ctr``, ``hour_sin``.
 * labels int8: ``click`` (~20 %) and ``conversion`` (~20 % of clicks; always 0 without a click).
+* with ``visitors=V`` > 0 also ``visitor_id``: raw 64-bit ids spread over the whole int64 range
+  (the splitmix64 image of a Zipf draw over V visitors, as a hashed user key would be), read with
+  ``id_mode: hash`` through a ``visitor`` table of V rows: the large table of the scale benchmark.
+  Its effect moves the click logit (std 0.5), so the table has something to learn.
 
 Hidden model: per-id effects are Gaussians drawn from a hash of (table, id, seed), so no table is
 stored and any chunk can be generated alone. A shared signal ``s`` (user, item and history effects,
@@ -22,7 +26,7 @@ conversions on the city and the price. Each task thus has features the other ign
 
 Determinism: chunk k of file f of a split draws from ``default_rng([seed, split, f, k])``; the same
 seed gives the same bytes. One row group is generated and written at a time, so memory does not
-grow with ``rows``.
+grow with ``rows`` (nor with ``visitors``: no table is stored).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ SINGLE_HOT = {  # column -> table
 MULTI_HOT = {"user_history": "item"}
 DENSE = ["price", "user_age", "item_ctr", "hour_sin"]
 LABELS = ["click", "conversion"]
+VISITOR_COLUMN, VISITOR_TABLE = "visitor_id", "visitor"
 MAX_HISTORY = 20
 SPLITS = ("train", "eval")
 
@@ -58,12 +63,19 @@ SPLITS = ("train", "eval")
 _CLICK_BIAS = -1.76
 _CONVERSION_BIAS = -2.29
 
-SCHEMA = pa.schema(
-    [pa.field(c, pa.int64(), nullable=False) for c in SINGLE_HOT]
-    + [pa.field(c, pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False) for c in MULTI_HOT]
-    + [pa.field(c, pa.float32(), nullable=False) for c in DENSE]
-    + [pa.field(c, pa.int8(), nullable=False) for c in LABELS]
-)
+
+def schema(visitors: bool = False) -> pa.Schema:
+    """The files' schema; ``visitors``: with the ``visitor_id`` column after the single-hot ids."""
+    ids = list(SINGLE_HOT) + ([VISITOR_COLUMN] if visitors else [])
+    return pa.schema(
+        [pa.field(c, pa.int64(), nullable=False) for c in ids]
+        + [
+            pa.field(c, pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False)
+            for c in MULTI_HOT
+        ]
+        + [pa.field(c, pa.float32(), nullable=False) for c in DENSE]
+        + [pa.field(c, pa.int8(), nullable=False) for c in LABELS]
+    )
 
 
 @dataclass
@@ -81,8 +93,11 @@ class SynthSummary:
         return self.positives[split][label] / max(self.rows[split], 1)
 
 
-def synthetic_config(out_dir: str, run_dir: str = "runs/synth") -> dict[str, Any]:
-    """The experiment config (``trainer.config`` format) for data written to ``out_dir``."""
+def synthetic_config(out_dir: str, run_dir: str = "runs/synth", visitors: int = 0) -> dict[str, Any]:
+    """The experiment config (``trainer.config`` format) for data written to ``out_dir``;
+    ``visitors`` > 0 adds the ``visitor`` table of that many rows (``id_mode: hash``)."""
+    sizes = {**VOCAB, **({VISITOR_TABLE: visitors} if visitors else {})}
+    single_hot = {**SINGLE_HOT, **({VISITOR_COLUMN: VISITOR_TABLE} if visitors else {})}
     return {
         "run_dir": run_dir,
         "data": {
@@ -90,10 +105,11 @@ def synthetic_config(out_dir: str, run_dir: str = "runs/synth") -> dict[str, Any
             "eval": os.path.join(out_dir, "eval", "*.parquet"),
             "tables": [
                 {"name": name, "num_embeddings": size, "embedding_dim": 16, "pooling": "sum"}
-                for name, size in VOCAB.items()
+                for name, size in sizes.items()
             ],
             "sparse_features": [
-                {"name": column, "table": table, "id_mode": "check"} for column, table in SINGLE_HOT.items()
+                {"name": column, "table": table, "id_mode": "hash" if column == VISITOR_COLUMN else "check"}
+                for column, table in single_hot.items()
             ]
             + [
                 {"name": column, "table": table, "multi_hot": True, "id_mode": "check"}
@@ -141,7 +157,14 @@ def _zipf_quantile(u: np.ndarray, n: int, a: float) -> np.ndarray:
     return np.minimum(x.astype(np.int64) - 1, n - 1)
 
 
-def _chunk(rng: np.random.Generator, n: int, seed: int) -> pa.Table:
+def visitor_ids(u: np.ndarray, visitors: int, seed: int) -> np.ndarray:
+    """Raw int64 visitor ids for uniforms ``u``: a Zipf draw over ``visitors`` visitors mapped by
+    splitmix64 (a bijection) onto the whole int64 range, negative ids included."""
+    index = _zipf_quantile(u, visitors, 0.85)
+    return mix64(index.view(np.uint64) ^ _salt(VISITOR_COLUMN, seed)).view(np.int64)
+
+
+def _chunk(rng: np.random.Generator, n: int, seed: int, visitors: int = 0) -> pa.Table:
     """``n`` rows of the schema; every random draw comes from ``rng``."""
     user = _zipf_quantile(rng.random(n), VOCAB["user"], 0.85)
     item = _zipf_quantile(rng.random(n), VOCAB["item"], 0.95)
@@ -164,6 +187,10 @@ def _chunk(rng: np.random.Generator, n: int, seed: int) -> pa.Table:
 
     shared = 0.7 * user_effect + 0.7 * item_effect + 1.5 * taste + 0.3 * age + 0.2 * ctr
     click_logit = _CLICK_BIAS + shared + 0.6 * effect("category", category, seed) + 0.4 * hour_sin
+    extra: dict[str, np.ndarray] = {}
+    if visitors:  # drawn only then: the data without visitors keeps its bytes
+        extra[VISITOR_COLUMN] = visitor_ids(rng.random(n), visitors, seed)
+        click_logit = click_logit + 0.5 * effect(VISITOR_TABLE, extra[VISITOR_COLUMN], seed)
     conversion_logit = _CONVERSION_BIAS + 0.6 * shared + 1.0 * effect("city", city, seed) - 0.6 * price
     click = rng.random(n) < _sigmoid(click_logit)
     conversion = click & (rng.random(n) < _sigmoid(conversion_logit))
@@ -174,6 +201,7 @@ def _chunk(rng: np.random.Generator, n: int, seed: int) -> pa.Table:
         "item_category": category,
         "user_city": city,
         "device": device,
+        **extra,
         "user_history": pa.ListArray.from_arrays(offsets, history),
         "price": price.astype(np.float32),
         "user_age": age.astype(np.float32),
@@ -182,7 +210,7 @@ def _chunk(rng: np.random.Generator, n: int, seed: int) -> pa.Table:
         "click": click.astype(np.int8),
         "conversion": conversion.astype(np.int8),
     }
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    return pa.Table.from_pydict(columns, schema=schema(bool(visitors)))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -202,14 +230,18 @@ def write_synthetic(
     seed: int = 0,
     eval_fraction: float = 0.2,
     row_group_rows: int = 16384,
+    visitors: int = 0,
 ) -> SynthSummary:
     """Write ``out_dir/{train,eval}/part-NNNNN.parquet`` and ``out_dir/config.yaml``.
 
     ``rows`` are split ``1 - eval_fraction`` / ``eval_fraction`` between train and eval, each over
-    ``files`` files of uneven sizes, in row groups of ``row_group_rows``.
+    ``files`` files of uneven sizes, in row groups of ``row_group_rows``. ``visitors`` > 0 adds
+    the ``visitor_id`` column and a ``visitor`` table of that many rows (module docstring).
     """
     if rows <= 0 or files <= 0 or row_group_rows <= 0:
         raise ValueError(f"rows, files, row_group_rows must be positive: {rows}, {files}, {row_group_rows}")
+    if visitors < 0:
+        raise ValueError(f"visitors must be >= 0 (0: no visitor_id column), got {visitors}")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     eval_rows = round(rows * eval_fraction)
@@ -222,15 +254,15 @@ def write_synthetic(
         paths[split] = []
         for f, size in enumerate(_file_sizes(split_rows[split], files)):
             path = os.path.join(out_dir, split, f"part-{f:05d}.parquet")
-            with pq.ParquetWriter(path, SCHEMA) as writer:
+            with pq.ParquetWriter(path, schema(bool(visitors))) as writer:
                 for k in range(math.ceil(size / row_group_rows)):
                     n = min(row_group_rows, size - k * row_group_rows)
-                    table = _chunk(np.random.default_rng([seed % 2**64, s, f, k]), n, seed)
+                    table = _chunk(np.random.default_rng([seed % 2**64, s, f, k]), n, seed, visitors)
                     writer.write_table(table, row_group_size=n)
                     for label in LABELS:
                         positives[split][label] += int(np.asarray(table.column(label)).sum(dtype=np.int64))
             paths[split].append(path)
     config_path = os.path.join(out_dir, "config.yaml")
     with open(config_path, "w") as f:
-        yaml.safe_dump(synthetic_config(out_dir), f, sort_keys=False)
+        yaml.safe_dump(synthetic_config(out_dir, visitors=visitors), f, sort_keys=False)
     return SynthSummary(out_dir, config_path, paths["train"], paths["eval"], split_rows, positives)

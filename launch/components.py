@@ -84,6 +84,7 @@ def train(
     max_restarts: int = 0,
     max_retries: int = 0,
     rdzv_port: int = 29500,
+    shutdown_timeout: int = 30,
     env: Optional[Dict[str, str]] = None,
     name: str = "towerrec-train",
 ) -> specs.AppDef:
@@ -107,12 +108,16 @@ def train(
         gpu: GPUs per node
         memMB: memory per node in MB
         h: a registered TorchX named resource; takes precedence over cpu, gpu and memMB
-        max_restarts: in-place restarts of all ranks by torchrun after a rank fails; each restart
-            resumes from RUN_DIR/checkpoints/latest (``checkpoint.resume: auto``, the default)
+        max_restarts: in-place restarts of all ranks by torchrun after a rank fails (killed, OOM,
+            an error); each restart resumes from RUN_DIR/checkpoints/latest, the newest complete
+            checkpoint (``checkpoint.resume: auto``, the default), not from step 0
         max_retries: scheduler-level retries of the whole job (Volcano maxRetry, slurm requeue);
             a retry resumes the same way when RUN_DIR is on storage every node shares
         rdzv_port: c10d rendezvous port on the first node when nnodes > 1 (with one node a free
             port is chosen)
+        shutdown_timeout: seconds torchrun waits for the ranks after it forwards the job's SIGTERM
+            to them, before it SIGKILLs them; keep it above ``checkpoint.preemption_grace_s`` so a
+            preempted job finishes its checkpoint (after a rank fails, torchrun waits 30 s)
         env: extra environment variables for every node, e.g. LOGLEVEL=INFO,OMP_NUM_THREADS=4
         name: job name
     """
@@ -128,6 +133,8 @@ def train(
         raise ValueError("max_restarts and max_retries must be >= 0")
     if not 0 < rdzv_port < 65536:
         raise ValueError(f"rdzv_port {rdzv_port} is not a TCP port")
+    if shutdown_timeout < 1:
+        raise ValueError(f"shutdown_timeout must be >= 1 s, got {shutdown_timeout}")
 
     if nnodes == 1:
         # All ranks sit under one agent: port 0 lets it take any free port, so concurrent
@@ -147,12 +154,20 @@ def train(
         "--rdzv_endpoint", rdzv_endpoint,
         "--rdzv_id", _Raw(macros.app_id),
         "--max_restarts", str(max_restarts),
+        "--shutdown_timeout", str(shutdown_timeout),
         "--tee", "3",
         "--role", "",
         "-m", TRAINER_MODULE,
     ] + [_escape_macros(a) for a in trainer_args(config, overrides)]  # fmt: skip
 
-    role_env = {"LOGLEVEL": "WARNING"}  # torchrun's own logging; the trainer logs at INFO
+    role_env = {
+        "LOGLEVEL": "WARNING",  # torchrun's own logging; the trainer logs at INFO
+        # The ranks get a new TCPStore each restart (rank 0 hosts it) instead of the agent's,
+        # which outlives restarts with the previous round's keys: the gloo addresses of killed
+        # ranks ("connectFullMesh failed ... Connection refused") and barrier counts already
+        # past (a silent hang). pytorch/pytorch#135712.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
     role_env.update(env or {})
 
     resource = specs.resource(h=h) if h else specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB)

@@ -146,6 +146,9 @@ class TrainingConfig(StrictModel):
     it when stderr is a terminal, ``true``/``false`` (or ``on``/``off``) force it.
     ``lr_schedule``: warmup and decay of both optimizers' lrs (:class:`LRScheduleConfig`);
     ``grad_clip``: clipping by norm (:class:`GradClipConfig`; not the sharded tables).
+    ``nonfinite``: what a non-finite loss or dense gradient does (``trainer.nonfinite``): ``stop``
+    every rank with a message naming the step, the tasks and the batch's rows, or ``skip`` the
+    step (no update) and go on; more than ``nonfinite_max_skips`` skipped steps in the run stop it.
     """
 
     batch_size: PositiveInt = 512
@@ -163,6 +166,8 @@ class TrainingConfig(StrictModel):
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
     grad_clip: GradClipConfig = GradClipConfig()
     early_stopping: EarlyStoppingConfig | None = None
+    nonfinite: Literal["stop", "skip"] = "stop"
+    nonfinite_max_skips: Annotated[int, Field(ge=0)] = 10
 
 
 class TableConstraint(StrictModel):
@@ -209,12 +214,30 @@ class CheckpointConfig(StrictModel):
     ``checkpoints/latest`` when there is one, ``required`` fails without one, ``never`` starts at
     step 0 and fails if the run directory already holds checkpoints (none is overwritten).
     ``enabled: false`` neither saves nor resumes (``resume`` must then not be ``required``).
+    ``resume_fallback``: when ``latest`` is damaged (a file missing, truncated or not matching its
+    checksum), resume from the newest older complete checkpoint instead, with a warning; false:
+    stop with the error. ``checksums``: record each file's CRC32 in meta.json when saving (one
+    read of the files just written) and check them before loading; sizes are always checked.
+    ``on_save_error``: a failed save during training (no space, no permission, a size limit)
+    stops the run (``stop``), or (``continue``) logs a warning and trains on, ``latest`` still the
+    previous complete checkpoint; the final and the preemption save always stop the run.
+    ``preemption_grace_s``: SIGTERM makes every rank stop at the next step and save
+    (``trainer.preemption``); the time allowed from the signal to the complete checkpoint, below
+    the scheduler's own grace (torchrun, Kubernetes and Slurm: 30 s by default). A save that
+    takes longer is still completed and reported.
+    ``chunk_mb``: tables (and their optimizer state) are saved in row chunks of at most this size,
+    the memory a save or a load needs beyond the tables (``trainer.checkpoint.chunks``).
     """
 
     enabled: bool = True
     interval: Annotated[int, Field(ge=0)] = 1000
     keep_last: PositiveInt = 2
     resume: Literal["auto", "never", "required"] = "auto"
+    resume_fallback: bool = True
+    checksums: bool = True
+    on_save_error: Literal["stop", "continue"] = "stop"
+    preemption_grace_s: PositiveFloat = 25.0
+    chunk_mb: PositiveFloat = 8.0
 
     @model_validator(mode="after")
     def _resume_needs_checkpoints(self) -> "CheckpointConfig":

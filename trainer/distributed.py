@@ -14,7 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, TypeVar
+from typing import Iterator, Protocol, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,9 @@ class DistEnv:
     # gloo group for small host-side agreements (the data guard, object gathers); the default
     # group when the backend is already gloo.
     cpu_group: dist.ProcessGroup
+    # Every collective of the job gives up after this (training.collective_timeout_s); pass it
+    # to dist.new_group too, whose own default is 30 minutes.
+    timeout: timedelta = timedelta(seconds=600)
 
     @property
     def is_main(self) -> bool:
@@ -49,21 +52,24 @@ def free_port() -> int:
 def init_distributed(timeout_s: int = 600) -> DistEnv:
     """Join the job torch.distributed.run started (or a one-process group when run directly).
 
-    NCCL and the local CUDA device when CUDA is available, gloo on CPU otherwise.
+    NCCL and the local CUDA device when CUDA is available, gloo on CPU otherwise. ``timeout_s``
+    bounds joining (the store connection and every rank's arrival) and every collective after.
     """
     if "RANK" not in os.environ:  # plain `python -m towerrec.trainer.main`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    warn_shared_agent_store()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         backend, device = "nccl", torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         backend, device = "gloo", torch.device("cpu")
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+        dist.init_process_group(backend=backend, timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -72,7 +78,27 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
         device=device,
         backend=backend,
         cpu_group=cpu_group,
+        timeout=timeout,
     )
+
+
+def warn_shared_agent_store() -> None:
+    """Warn when torchrun may restart these ranks on the TCPStore its agent keeps across restarts.
+
+    torchrun (c10d rendezvous) lends the ranks its own store unless the agent runs with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``; that store outlives a restart, so the restarted
+    ranks find the previous round's keys (pytorch/pytorch#135712): the gloo addresses of killed
+    ranks (``connectFullMesh failed ... Connection refused``) or barrier counts already past
+    (a silent hang). ``launch/components.py`` sets the variable.
+    """
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
+        logger.warning(
+            "torchrun shares its rendezvous TCPStore with the ranks and may restart them: a "
+            "restarted job can then fail in init_process_group (Connection refused) or hang on the "
+            "previous round's keys; start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(launch/components.py does)"
+        )
 
 
 _OK, _EXHAUSTED, _FAILED = 0, 1, 2
@@ -82,13 +108,31 @@ class RankFailure(RuntimeError):
     """Raised on every rank when some rank's input failed; names the ranks and their errors."""
 
 
-def lockstep(batches: Iterator[T], group: dist.ProcessGroup | None) -> Iterator[T]:
+class StepVote(Protocol):
+    """A yes/no question every rank answers before each batch, carried by lockstep's all-reduce
+    (no collective of its own): a stop request (``trainer.preemption``), a non-finite loss
+    (``trainer.nonfinite``)."""
+
+    def vote(self) -> bool:
+        """This rank's answer now."""
+        ...
+
+    def decide(self, yes: int, world: int) -> bool:
+        """Called on every rank with the number of ranks that answered yes (> 0); True ends the
+        iteration on every rank before this batch. May raise (on every rank alike)."""
+        ...
+
+
+def lockstep(
+    batches: Iterator[T], group: dist.ProcessGroup | None, votes: Sequence[StepVote] = ()
+) -> Iterator[T]:
     """Yield from ``batches`` only while every rank has a batch.
 
     Before each batch the ranks all-reduce a status flag (one int on the gloo group). A rank whose
     loader raised (bad data) makes every rank raise :class:`RankFailure` with its message, instead
     of leaving the others blocked in the next embedding all-to-all until the collective timeout.
     Ranks that run out of batches at different steps are a bug in the split and also fail loudly.
+    ``votes``: more flags in the same all-reduce (:class:`StepVote`), decided in this order.
     """
     step = 0
     while True:
@@ -100,7 +144,8 @@ def lockstep(batches: Iterator[T], group: dist.ProcessGroup | None) -> Iterator[
             status = _EXHAUSTED
         except Exception as e:  # noqa: BLE001 - forwarded to every rank below
             error, status = e, _FAILED
-        flags = torch.tensor([status == _EXHAUSTED, status == _FAILED], dtype=torch.int64)
+        own = [status == _EXHAUSTED, status == _FAILED, *(v.vote() for v in votes)]
+        flags = torch.tensor(own, dtype=torch.int64)
         if group is not None and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group)
         world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
@@ -112,6 +157,9 @@ def lockstep(batches: Iterator[T], group: dist.ProcessGroup | None) -> Iterator[
             raise RankFailure(
                 f"input failed on {failed} of {world} ranks at step {step}:\n" + "\n".join(messages)
             ) from error
+        for vote, yes in zip(votes, flags[2:].tolist(), strict=True):
+            if yes and vote.decide(yes, world):
+                return
         if exhausted == world:
             return
         if exhausted:

@@ -36,32 +36,48 @@ data section of the training config without paths (tables with sizes, sparse fea
 ``multi_hot`` and ``id_mode``, dense features, tasks), the quantization, the checkpoint it came
 from, the check tolerance and the towerrec / torch / torchrec / fbgemm_gpu versions.
 
-Self-check: the artifact is written to a temporary file, loaded back from it and compared with
-the trained float model on up to ``check_rows`` evaluation rows: per task the largest absolute
-probability difference (all rows) and the AUC change, both AUCs by the trainer's ``TaskMetrics``
-(the same AUC and sample-space weights as training's evaluation). Above the tolerance the export
-fails and the target file is left as it was.
+Memory: table by table, never the float model. The dense network is read from the checkpoint;
+the quantized tables (the artifact) are allocated empty, then filled block by block from the
+checkpoint's row chunks (``trainer.checkpoint.chunks.SavedRows``), each block quantized row-wise
+as ``quantize_inference_model`` does (``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf``, bit for
+bit the same artifact) and dropped; scripting and saving share the tables' memory. Peak: the
+artifact plus one block being read (about two chunks per column shard the table was saved in) and
+the self-check's sample (docs/MEMORY.md).
+
+Self-check: the artifact is written to a temporary file, loaded back from it (the in-memory model
+dropped first) and compared with the trained float model on up to ``check_rows`` evaluation rows:
+per task the largest absolute probability difference (all rows) and the AUC change, both AUCs by
+the trainer's ``TaskMetrics`` (the same AUC and sample-space weights as training's evaluation).
+The float reference holds only the table rows those check rows read (``CheckSample``: gathered
+while the tables stream by, ids remapped onto them), so it computes exactly what the whole float
+model would, at the cost of a few thousand rows. Above the tolerance the export fails and the
+target file is left as it was.
 """
 
 # No `from __future__ import annotations`: fx copies InferenceModel.forward's annotations into the
 # generated code, which TorchScript must resolve as real types, not strings.
 import copy
+import gc
 import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import fbgemm_gpu
 import torch
 import torch.nn as nn
-from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import DataType, dtype_to_data_type
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from towerrec.data.batch import Batch
 from towerrec.data.config import resolve_paths
 from towerrec.data.files import atomic_output
 from towerrec.data.parquet import ParquetDataset
 from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
+from towerrec.trainer.checkpoint.chunks import SavedRows, row_ranges
 from towerrec.trainer.config import ExperimentConfig
 from towerrec.trainer.evaluate import single_process_env
 from towerrec.trainer.metrics import TaskMetrics
@@ -69,6 +85,8 @@ from towerrec.trainer.model import TrainModule, build_train_module
 from towerrec.trainer.predict import SCHEMA_FILE, Artifact, load_artifact
 
 QUANTIZATIONS = {"int8": torch.int8, "fp16": torch.float16, "none": torch.float32}
+# A table's float rows, block by block: table name -> (first row, rows [n, dim]).
+TableRows = Callable[[str], Iterable[Tuple[int, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -175,14 +193,90 @@ class InferenceModel(nn.Module):
         return {t: torch.sigmoid(logits[t]) for t in self.tasks}
 
 
-def build_inference_model(module: TrainModule, config: ExperimentConfig, quantize: str) -> nn.Module:
-    """The eager inference model: a copy of the trained tables through TorchRec's
-    ``quantize_inference_model`` and of the dense network, in eval mode, without gradients."""
-    from torchrec.inference.modules import quantize_inference_model
+def quantized_collection(
+    tables: List[EmbeddingBagConfig], is_weighted: bool, quantize: str
+) -> QuantEmbeddingBagCollection:
+    """The quantized tables ``quantize_inference_model`` makes of an EmbeddingBagCollection of
+    ``tables``, allocated (zeros) but not filled: fill them with :func:`write_rows`."""
+    configs = copy.deepcopy(tables)
+    for table in configs:
+        table.data_type = dtype_to_data_type(QUANTIZATIONS[quantize])
+    return QuantEmbeddingBagCollection(
+        configs,
+        is_weighted,
+        device=torch.device("cpu"),
+        output_dtype=torch.float,
+        register_tbes=True,  # as quantize_inference_model's preparation sets them
+        cache_features_order=True,
+    )
 
+
+class TableSlot(NamedTuple):
+    """One table's rows in fbgemm's inference kernel: ``weights`` ``[rows, bytes]`` (uint8
+    view), ``scale_bias`` ``[rows, 4]`` (int8 only, else None), ``dtype`` the rows' type."""
+
+    weights: torch.Tensor
+    scale_bias: Optional[torch.Tensor]
+    dtype: DataType
+
+
+def table_slots(collection: QuantEmbeddingBagCollection) -> Dict[str, TableSlot]:
+    """``{table: TableSlot}`` of every table of ``collection``."""
+    types = {t.name: t.data_type for t in collection.embedding_bag_configs()}
+    slots = {}
+    for tbe in collection.tbes:
+        for spec, (weights, scale_bias) in zip(
+            tbe.embedding_specs, tbe.split_embedding_weights(), strict=True
+        ):
+            slots[spec[0]] = TableSlot(weights, scale_bias, types[spec[0]])
+    return slots
+
+
+def write_rows(slot: TableSlot, first: int, rows: torch.Tensor) -> None:
+    """Quantize float rows ``rows`` into table rows ``[first, first + len(rows))`` of ``slot``
+    as TorchRec's ``quantize_state_dict`` does (row-wise: block by block gives the same bytes)."""
+    where = slice(first, first + rows.shape[0])
+    if slot.dtype == DataType.INT8:
+        packed = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(rows, 8)
+        slot.weights[where].copy_(packed[:, :-4])
+        slot.scale_bias[where].copy_(packed[:, -4:])  # type: ignore[index]
+        return
+    dtype = torch.float16 if slot.dtype == DataType.FP16 else torch.float32
+    slot.weights[where].copy_(rows.to(dtype).view(torch.uint8))
+
+
+def _own_rows(module: TrainModule) -> TableRows:
+    tables = module.model.ebc.embedding_bags
+
+    def rows(name: str) -> Iterable[Tuple[int, torch.Tensor]]:
+        weight = tables[name].weight.detach()
+        for a, b in row_ranges(weight.shape[0], weight[0].nbytes):
+            yield a, weight[a:b]
+
+    return rows
+
+
+def build_inference_model(
+    module: TrainModule, config: ExperimentConfig, quantize: str, table_rows: Optional[TableRows] = None
+) -> nn.Module:
+    """The eager inference model: the tables quantized as TorchRec's ``quantize_inference_model``
+    does, filled block by block from ``table_rows`` (default: ``module``'s own tables; its
+    tables may then be on the meta device), and a copy of the dense network, in eval mode,
+    without gradients."""
     ebc: EmbeddingBagCollection = module.model.ebc
+    collection = quantized_collection(ebc.embedding_bag_configs(), ebc.is_weighted(), quantize)
+    table_rows = table_rows or _own_rows(module)
+    for name, slot in table_slots(collection).items():
+        for first, rows in table_rows(name):
+            write_rows(slot, first, rows)
+    return inference_model(collection, module, config)
+
+
+def inference_model(ebc: nn.Module, module: TrainModule, config: ExperimentConfig) -> InferenceModel:
+    """:class:`InferenceModel` of the tables ``ebc`` and a copy of ``module``'s dense network, in
+    eval mode, without gradients."""
     model = InferenceModel(
-        copy.deepcopy(ebc),
+        ebc,
         copy.deepcopy(module.model.network),
         config.data.feature_names,
         module.model.pooled_order,
@@ -190,8 +284,7 @@ def build_inference_model(module: TrainModule, config: ExperimentConfig, quantiz
         module.model.cross_order,
     ).eval()
     model.requires_grad_(False)
-    dtype = QUANTIZATIONS[quantize]
-    return quantize_inference_model(model, quantization_dtype=dtype, output_dtype=torch.float)
+    return model
 
 
 def script(model: nn.Module) -> torch.jit.ScriptModule:
@@ -242,7 +335,7 @@ def export_model(
     tolerance: Tolerance | None = None,
 ) -> CheckReport | None:
     """Export checkpoint ``step`` of ``run_dir`` to ``out`` (None: the best checkpoint of early
-    stopping when the run has one, else the latest; ``choose_checkpoint``).
+    stopping when the run has one, else the latest; ``choose_checkpoint``), table by table.
 
     ``check_data``: Parquet patterns with labels for the self-check (default: the run's
     ``data.eval``); ``check_rows=0`` skips the check and returns None.
@@ -257,36 +350,116 @@ def export_model(
     tolerance = tolerance or TOLERANCES[quantize]
     config, module, meta = _load_trained(Path(run_dir), step)
     source = {"run_dir": str(run_dir), "step": meta.step, "epoch": meta.epoch}  # the path as given
-    scripted = script(build_inference_model(module, config, quantize))
+    sample = None
+    if check_rows > 0:
+        files = resolve_paths(check_data or list(config.data.eval), "check data")
+        sample = CheckSample.read(files, config, module, check_rows)
+    saved = SavedRows(meta.path)
+
+    def table_rows(name: str) -> Iterable[Tuple[int, torch.Tensor]]:
+        for first, rows in saved.iter_rows(f"model.model.ebc.embedding_bags.{name}.weight"):
+            if sample is not None:
+                sample.gather(name, first, rows)
+            yield first, rows
+
+    scripted = script(build_inference_model(module, config, quantize, table_rows))
     schema = make_schema(config, quantize, source, tolerance)
     with atomic_output(out) as tmp:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.jit.save(scripted, str(tmp), _extra_files={SCHEMA_FILE: json.dumps(schema, indent=1)})
-        if check_rows <= 0:
+        del scripted  # one copy of the artifact at a time: the check loads it from the file
+        gc.collect()
+        if sample is None:
             return None
-        files = resolve_paths(check_data or list(config.data.eval), "check data")
-        # The reference pools as training's kernels do: fp16 rows summed in fp32 (the artifact
-        # is written already, so its tables keep their trained precision).
-        module.model.ebc.float()
-        report = check_artifact(load_artifact(tmp), module, config, files, check_rows, quantize, tolerance)
+        sample.attach(module)
+        report = check_artifact(load_artifact(tmp), module, config, sample, quantize, tolerance)
         if not report.passed:
             raise ExportCheckError(report)
     return report
+
+
+class CheckSample:
+    """The first ``rows`` rows of the check data in batches, and the float rows of the tables
+    they read: ``ids[table]`` (sorted, unique) and ``rows[table]`` (``[len(ids), dim]`` fp32,
+    filled by :meth:`gather` as the tables stream by). :meth:`attach` gives a module tables of
+    just these rows and :meth:`compact` maps a batch's ids onto them, so the module computes
+    what the whole float model would."""
+
+    def __init__(self, batches: List[Batch], configs: List[EmbeddingBagConfig], limit: int) -> None:
+        self.batches = batches
+        self.limit = limit
+        self.configs = configs
+        self.table_of = {f: t.name for t in configs for f in t.feature_names}
+        per_table: Dict[str, List[torch.Tensor]] = {t.name: [] for t in configs}
+        for batch in batches:
+            for key, values in batch.sparse.to_dict().items():
+                per_table[self.table_of[key]].append(values.values())
+        self.ids = {
+            t: torch.cat(v).unique() if v else torch.zeros(0, dtype=torch.int64) for t, v in per_table.items()
+        }
+        self.rows = {t.name: torch.zeros(len(self.ids[t.name]), t.embedding_dim) for t in configs}
+
+    @classmethod
+    def read(
+        cls, files: List[str], config: ExperimentConfig, module: TrainModule, rows: int
+    ) -> "CheckSample":
+        """The first ``rows`` rows of ``files`` (batches of at most 2048)."""
+        dataset = ParquetDataset(files, config.data, batch_size=min(rows, 2048))
+        batches, seen = [], 0
+        for batch in dataset:
+            batches.append(batch)
+            seen += min(batch.real_rows, rows - seen)  # padding rows come last
+            if seen >= rows or batch.real_rows < batch.num_rows:
+                break
+        return cls(batches, module.model.ebc.embedding_bag_configs(), rows)
+
+    def gather(self, table: str, first: int, rows: torch.Tensor) -> None:
+        """Keep the sampled ids' rows of the block ``rows`` (table rows from ``first`` on)."""
+        ids = self.ids[table]
+        inside = (ids >= first) & (ids < first + rows.shape[0])
+        self.rows[table][inside] = rows[ids[inside] - first].float()
+
+    def attach(self, module: TrainModule) -> None:
+        """Give ``module`` float tables of the gathered rows (one row for a table not read)."""
+        tables = [
+            EmbeddingBagConfig(
+                name=t.name,
+                num_embeddings=max(len(self.ids[t.name]), 1),
+                embedding_dim=t.embedding_dim,
+                feature_names=t.feature_names,
+                pooling=t.pooling,
+            )
+            for t in self.configs
+        ]
+        ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+        with torch.no_grad():
+            for name, rows in self.rows.items():
+                ebc.embedding_bags[name].weight[: len(rows)] = rows
+        module.model.ebc = ebc
+
+    def compact(self, sparse: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``sparse`` with every id replaced by its position in its table's ``ids``."""
+        parts = torch.split(sparse.values(), sparse.length_per_key())
+        values = [
+            torch.searchsorted(self.ids[self.table_of[k]], v)
+            for k, v in zip(sparse.keys(), parts, strict=True)
+        ]
+        return KeyedJaggedTensor(keys=sparse.keys(), values=torch.cat(values), lengths=sparse.lengths())
 
 
 def check_artifact(
     artifact: Artifact,
     module: TrainModule,
     config: ExperimentConfig,
-    files: list[str],
-    rows: int,
+    sample: CheckSample,
     quantize: str,
     tolerance: Tolerance,
 ) -> CheckReport:
-    """Compare ``artifact`` with the trained float ``module`` on the first ``rows`` rows of ``files``."""
+    """Compare ``artifact`` with the trained float ``module`` (its tables attached by
+    ``sample``) on the sample's rows."""
+    rows = sample.limit
     batch_size = min(rows, 2048)
-    dataset = ParquetDataset(files, config.data, batch_size=batch_size)
     tasks = [t.name for t in config.data.tasks]
     # The trainer's own metrics (torchrec's AUC, the sample-space weights), in a group of one.
     env = single_process_env()
@@ -295,11 +468,12 @@ def check_artifact(
     seen = 0
     module.eval()
     with torch.inference_mode():
-        for batch in dataset:
+        for batch in sample.batches:
             n = min(batch.real_rows, rows - seen)  # padding rows come last
             labels = {t: batch.labels[t][:n] for t in tasks}
             weights = {t: w[:n] for t, w in module.loss.example_weights(batch.labels, batch.weights).items()}
-            trained = {t: torch.sigmoid(v[:n]) for t, v in module.model(batch.sparse, batch.dense).items()}
+            logits = module.model(sample.compact(batch.sparse), batch.dense)
+            trained = {t: torch.sigmoid(v[:n]) for t, v in logits.items()}
             served = {t: v[:n] for t, v in artifact(batch).items()}
             metrics["trained"].update_probabilities(trained, labels, weights)
             metrics["artifact"].update_probabilities(served, labels, weights)
@@ -308,8 +482,6 @@ def check_artifact(
                     dp = (trained[t].double() - served[t].double()).abs().max().item()
                     max_dp[t] = max(max_dp[t], dp)
             seen += n
-            if seen >= rows or n < batch.num_rows:
-                break
     report = CheckReport(quantize, seen, tolerance)
     trained_metrics, artifact_metrics = metrics["trained"].compute(), metrics["artifact"].compute()
     for t in tasks:
@@ -323,13 +495,14 @@ def check_artifact(
 
 
 def _load_trained(run_dir: Path, step: int | None) -> tuple[ExperimentConfig, TrainModule, CheckpointMeta]:
-    """The run's config, the float model with checkpoint ``step``'s weights on CPU, its meta.json.
+    """The run's config, its module with checkpoint ``step``'s dense network on CPU and its
+    tables on the meta device (checked against the checkpoint, not read), its meta.json.
 
     Raises:
         CheckpointError: no such checkpoint, damaged files, or weights that do not fit the config.
     """
     meta = read_meta(choose_checkpoint(run_dir, step)[0])
     config = ExperimentConfig.model_validate(meta.config)
-    module = build_train_module(config, torch.device("cpu"))
+    module = build_train_module(config, torch.device("meta"))
     load_model_state(run_dir, meta.step, module)  # by step: `latest` may move meanwhile
     return config, module.eval(), meta

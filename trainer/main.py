@@ -4,13 +4,18 @@ Example::
 
     python -m torch.distributed.run --nproc_per_node 2 -m towerrec.trainer.main \
         --config configs/demo.yaml --set training.batch_size=4096
+
+Exit status: 0 done; 1 a failure, named on stderr (bad data, a checkpoint, a non-finite loss);
+2 a bad config; 143 stopped by SIGTERM after saving (``trainer.preemption``): retry it, it resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 
 import torch.distributed as dist
@@ -18,8 +23,10 @@ from towerrec.data.parquet import DataError
 from towerrec.trainer.checkpoint import CheckpointError
 from towerrec.trainer.config import ConfigError, add_config_arguments, load_config, validate_data
 from towerrec.trainer.distributed import RankFailure, describe_error, init_distributed
+from towerrec.trainer.heartbeat import Heartbeat, describe_collective_failure, is_collective_failure
 from towerrec.trainer.planning.plan_file import PlanFileError
 from towerrec.trainer.planning.planner import PlanningError
+from towerrec.trainer.preemption import PREEMPTED_EXIT, Preempted
 from towerrec.trainer.quiet import silence_known_warnings
 from towerrec.trainer.train import train
 
@@ -49,14 +56,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = init_distributed(config.training.collective_timeout_s)
+    beat = Heartbeat.start(env)  # names the rank that stops responding when a collective fails
     try:
         train(config, env)
     except (DataError, RankFailure, CheckpointError, PlanningError, PlanFileError) as e:
-        print(f"[rank {env.rank}] error: {describe_error(e)}", file=sys.stderr)
+        why = describe_collective_failure(e, env, beat) if is_collective_failure(e) else describe_error(e)
+        print(f"[rank {env.rank}] error: {why}", file=sys.stderr)
+        return 1
+    except Preempted as e:  # trainer.preemption: saved; the scheduler retries, the run resumes
+        print(f"[rank {env.rank}] preempted: {e}; exit status {PREEMPTED_EXIT}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except RuntimeError as e:  # a collective failed or timed out: which rank is not responding
+        if not is_collective_failure(e):
+            raise
+        print(f"[rank {env.rank}] error: {describe_collective_failure(e, env, beat)}", file=sys.stderr)
         return 1
     finally:
+        if beat is not None:
+            beat.stop()
+        _end_data_workers()
         dist.destroy_process_group()
     return 0
+
+
+def _end_data_workers() -> None:
+    """SIGKILL the DataLoader workers still running (a rank leaving on an error or a signal).
+
+    They ignore SIGTERM (``data.parquet``), and multiprocessing's exit handler SIGTERMs and then
+    joins them: the rank would wait until torchrun SIGKILLs it, 30 s later.
+    The DataLoader's SIGCHLD handler, which raises for a killed worker, is reset first.
+    """
+    workers = multiprocessing.active_children()
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join(timeout=5)
 
 
 if __name__ == "__main__":

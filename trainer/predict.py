@@ -11,7 +11,9 @@ prediction applies the same column checks, id hashing and range checks as traini
 the rows over ``world_size`` processes the same way: rank r takes the contiguous rows
 ``[r*N//W, (r+1)*N//W)`` of the sorted files and writes ``part-{r:05d}.parquet`` with those rows
 in input order. The loader's padding rows are never written. Memory stays at a few batches plus
-one output row group, whatever the data size.
+one output row group, whatever the data size, and one copy of the artifact per process:
+``torch.jit.load`` reads each tensor record of the file straight into its storage (measured in
+tests/trainer/test_memory.py and docs/MEMORY.md).
 
 Output columns: the passthrough columns (default: the single-hot sparse id columns), copied
 from the input unchanged, then ``p_<task>`` (float32) per task. A task with a ``sample_space``

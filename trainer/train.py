@@ -14,24 +14,25 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import EvalPipelineSparseDist, TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import EvalPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer
 from towerrec.data.batch import Batch
 from towerrec.data.config import resolve_paths
 from towerrec.data.parquet import ParquetDataset, make_dataloader
-from towerrec.trainer.checkpoint import CheckpointManager
+from towerrec.trainer.checkpoint import CheckpointManager, step_dir_name
 from towerrec.trainer.config import ExperimentConfig, dump_config
-from towerrec.trainer.distributed import DistEnv, lockstep
+from towerrec.trainer.distributed import DistEnv, StepVote, lockstep
 from towerrec.trainer.early_stopping import EarlyStopping
 from towerrec.trainer.importance import ImportanceResult, permutation_importance, write_importance
 from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import StepOutput, build_train_module
+from towerrec.trainer.nonfinite import GuardedTrainPipeline, NonFiniteGuard, format_rows
 from towerrec.trainer.optimizers import (
     apply_sparse_optimizer,
     clip_gradients,
@@ -40,6 +41,7 @@ from towerrec.trainer.optimizers import (
     replicated_tables,
 )
 from towerrec.trainer.planning.plan_file import plan_to_dict
+from towerrec.trainer.preemption import Preempted, StopRequest
 from towerrec.trainer.progress import TrainProgress
 from towerrec.trainer.schedules import LRSchedule, default_decay_length
 from towerrec.trainer.sharding import plan_sharding, sharders
@@ -110,7 +112,9 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def _run_phase(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) -> Iterator[StepOutput]:
+def _run_phase(
+    pipeline: GuardedTrainPipeline | EvalPipelineSparseDist, batches: Iterator[Batch]
+) -> Iterator[StepOutput]:
     """Drive the pipeline until ``batches`` ends; the pipeline drains every batch it fetched."""
     while True:
         try:
@@ -120,11 +124,16 @@ def _run_phase(pipeline: TrainPipelineSparseDist, batches: Iterator[Batch]) -> I
 
 
 class Trainer:
-    """Owns the sharded model, its pipeline and the data; ``fit()`` runs the whole schedule."""
+    """Owns the sharded model, its pipeline and the data; ``fit()`` runs the whole schedule.
 
-    def __init__(self, config: ExperimentConfig, env: DistEnv) -> None:
+    ``stop``: the request a signal sets (``trainer.preemption``; :func:`train` installs it);
+    every rank stops at the same step when any rank has it, saves and raises :class:`Preempted`.
+    """
+
+    def __init__(self, config: ExperimentConfig, env: DistEnv, stop: StopRequest | None = None) -> None:
         self.config = config
         self.env = env
+        self.stop = stop if stop is not None else StopRequest()
         training = config.training
         self.recorder = RunRecorder(Path(config.run_dir), enabled=env.is_main)
         self.recorder.write_text("config.yaml", dump_config(config))
@@ -178,12 +187,18 @@ class Trainer:
             + ([self.table_optimizer] if self.table_optimizer is not None else [])
             + [self.dense_optimizer]
         )
-        self.pipeline = TrainPipelineSparseDist(self.model, optimizer, env.device)
+        self.nonfinite = NonFiniteGuard(
+            training.nonfinite, training.nonfinite_max_skips, env, self._batch_rows
+        )
+        checked = dict(self.dense_optimizer.params)  # the gradients that exist after backward
+        if self.table_optimizer is not None:
+            checked.update(self.table_optimizer.params)
+        self.pipeline = GuardedTrainPipeline(self.model, optimizer, env.device, self.nonfinite, checked)
         # Evaluation: TorchRec's eval pipeline, whose loader thread runs lockstep's all_reduce. That
         # gets a gloo group of its own: on the group of the embedding all-to-alls (the main thread's),
         # the two threads would order their collectives differently on each rank.
         self.eval_pipeline = EvalPipelineSparseDist(self.model, optimizer, env.device)
-        self.eval_group = dist.new_group(backend="gloo")
+        self.eval_group = dist.new_group(backend="gloo", timeout=env.timeout)  # torch default: 30 min
         self.task_names = [t.name for t in config.data.tasks]
         eval_examples = self.eval_set.steps_per_epoch() * training.batch_size * env.world_size
         self.metrics = TaskMetrics(self.task_names, env, training.batch_size, eval_examples)
@@ -201,6 +216,7 @@ class Trainer:
             self.train_set,
             self.early_stopping,
             lr_schedule=self.lr_schedule,
+            nonfinite=self.nonfinite,
         )
         self.resumed = self.checkpoints.resume()
         self.step = self.resumed.step if self.resumed else 0
@@ -236,17 +252,30 @@ class Trainer:
                     placement["compute_kernel"],
                 )
 
-    def _batches(self, dataset: ParquetDataset, group: dist.ProcessGroup | None = None) -> Iterator[Batch]:
+    def _batch_rows(self, batch: int) -> str:
+        """Where this rank's batch ``batch`` of the current training epoch was read."""
+        return format_rows(*self.train_set.batch_rows(batch, self.config.training.num_workers))
+
+    def _batches(
+        self,
+        dataset: ParquetDataset,
+        group: dist.ProcessGroup | None = None,
+        votes: list[StepVote] | None = None,
+    ) -> Iterator[Batch]:
+        """``dataset``'s batches under lockstep; ``votes`` (default: the stop request) ride on its
+        all-reduce."""
         loader = make_dataloader(dataset, self.config.training.num_workers)
-        return lockstep(iter(loader), group if group is not None else self.env.cpu_group)
+        group = group if group is not None else self.env.cpu_group
+        return lockstep(iter(loader), group, votes if votes is not None else [self.stop])
 
     def evaluate(
         self, epoch: int, dataset: ParquetDataset | None = None, record: bool = True
-    ) -> dict[str, dict[str, float]]:
+    ) -> dict[str, dict[str, float]] | None:
         """One full pass over ``dataset`` (default: the evaluation set); every rank takes part.
 
         ``dataset`` must split the rows as ``eval_set`` does (the metrics' window is sized to it);
-        ``record``: write the result to metrics.jsonl and the log.
+        ``record``: write the result to metrics.jsonl and the log. None: every rank stopped the
+        pass at the same batch on a stop request (``trainer.preemption``).
         """
         dataset = dataset if dataset is not None else self.eval_set
         self.model.eval()
@@ -261,6 +290,8 @@ class Trainer:
             self.eval_pipeline.detach()
             self.eval_pipeline.reset()  # stops its loader thread; training re-attaches on its next step
         self.model.train()
+        if self.stop.agreed:
+            return None
         result = self.metrics.compute()
         if not record:
             return result
@@ -293,21 +324,34 @@ class Trainer:
         return segments
 
     def train_segment(
-        self, batches: Iterator[Batch], length: int, epoch: int, progress: TrainProgress | None = None
-    ) -> None:
+        self,
+        batches: Iterator[Batch],
+        length: int,
+        epoch: int,
+        batch: int,
+        progress: TrainProgress | None = None,
+    ) -> int:
+        """Train ``length`` steps from batch ``batch`` of ``epoch``, or fewer when every rank
+        agreed to stop (``trainer.preemption``); returns the steps taken. Skipped steps
+        (``training.nonfinite: skip``) count as taken."""
         training = self.config.training
         samples_per_step = training.batch_size * self.env.world_size
-        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        self.nonfinite.begin(self.step, epoch, batch)
+        window_start, window_steps, window_loss, losses = time.perf_counter(), 0, 0.0, 0
+        done = 0
         for out in _run_phase(self.pipeline, itertools.islice(batches, length)):
             self.step += 1
+            done += 1
             window_steps += 1
-            window_loss += float(out.loss)
+            if not self._record_skips(epoch):
+                window_loss += float(out.loss)
+                losses += 1
             if progress is not None:
                 progress.advance()
             if self.step % training.log_interval == 0:
                 elapsed = time.perf_counter() - window_start
                 values = {
-                    "loss": window_loss / window_steps,
+                    "loss": window_loss / losses if losses else None,  # None: every step skipped
                     "samples_per_s": window_steps * samples_per_step / elapsed,
                     "task_weights": self.loss.task_weights(),  # learned by loss.weighting, or ω_k(t)
                     **self._lrs(),
@@ -318,11 +362,28 @@ class Trainer:
                         "train step %d epoch %d | loss %.4f (rank 0) | %.0f samples/s",
                         self.step,
                         epoch,
-                        values["loss"],
+                        values["loss"] if losses else float("nan"),
                         values["samples_per_s"],
                     )
-                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+                window_start, window_steps, window_loss, losses = time.perf_counter(), 0, 0.0, 0
             self.lr_schedule.step()
+        return done
+
+    def _record_skips(self, epoch: int) -> bool:
+        """Record the steps the non-finite guard skipped since the last call; True if any."""
+        skips = self.nonfinite.take_skips()
+        for step, reason in skips:
+            count = len(self.nonfinite.skipped_steps)
+            self.recorder.record("skip", step, epoch, {"reason": reason, "skipped_steps": count})
+            if self.env.is_main:
+                logger.warning(
+                    "step %d skipped, no update (training.nonfinite: skip; %d of at most %d): %s",
+                    step,
+                    count,
+                    self.config.training.nonfinite_max_skips,
+                    reason,
+                )
+        return bool(skips)
 
     def _lrs(self) -> dict[str, float]:
         """The lrs the last step used: ``lr_dense`` and ``lr_sparse`` (the tables')."""
@@ -351,34 +412,110 @@ class Trainer:
             done_steps=self.step,
             samples_per_step=training.batch_size * self.env.world_size,
         )
+        eval_pending = bool(self.resumed and self.resumed.eval_pending)
         with progress:
-            while epoch < training.epochs and not self._stops_early():
+            if eval_pending:  # a preemption interrupted the evaluation due at this step
+                final, eval_pending = self._pending_evaluation(epoch, batch, final)
+            while not self.stop.agreed and epoch < training.epochs and not self._stops_early():
                 segments = self._segments(steps_per_epoch - batch)
                 if not segments:
                     break
                 self.loss.set_epoch(epoch)
                 self.lr_schedule.set_epoch(epoch)
                 self.train_set.set_epoch(epoch, start_batch=batch)
-                batches = self._batches(self.train_set)
+                batches = self._batches(self.train_set, votes=[self.nonfinite, self.stop])
                 for length, evaluate in segments:
-                    self.train_segment(batches, length, epoch, progress)
-                    batch += length
+                    batch += self.train_segment(batches, length, epoch, batch, progress)
+                    if self.stop.agreed:  # every rank stopped after the same step
+                        break
                     if evaluate:
-                        final = self.evaluate(epoch)
+                        result = self.evaluate(epoch)
+                        if result is None:  # stopped during the evaluation
+                            eval_pending = True
+                            break
+                        final = result
                         self._track(final, epoch)
                     self.checkpoints.maybe_save(self.step, epoch, batch, final)
                     if self._stops_early():
                         break
                 _close(batches)
-                if batch < steps_per_epoch:  # stopped by max_steps or early stopping
+                if self.stop.agreed or batch < steps_per_epoch:  # max_steps, early stopping, a stop
                     break
                 epoch, batch = epoch + 1, 0
+        if self.stop.agreed:
+            self._preempted(epoch, batch, final, eval_pending)
         self.checkpoints.save_final(self.step, epoch, batch, final)
         self.recorder.write_json("eval_metrics.json", final)
         if self.config.importance.enabled:
             self.permutation_importance(final)
         self.recorder.close()
         return final
+
+    def _pending_evaluation(
+        self, epoch: int, batch: int, final: dict[str, dict[str, float]]
+    ) -> tuple[dict[str, dict[str, float]], bool]:
+        """Run the evaluation a preemption interrupted at the resumed step and record it in
+        that checkpoint; ``(metrics, still pending)``."""
+        eval_epoch = epoch - 1 if batch == 0 and epoch > 0 else epoch  # due at the epoch's end
+        result = self.evaluate(eval_epoch)
+        if result is None:
+            return final, True
+        self._track(result, eval_epoch)
+        self.checkpoints.record_evaluation(self.step, result)
+        return result, False
+
+    def _preempted(
+        self, epoch: int, batch: int, final: dict[str, dict[str, float]], eval_pending: bool
+    ) -> NoReturn:
+        """Every rank stopped at ``self.step`` on a stop request: save what the next run needs to
+        lose no step (unless that checkpoint exists), say what happened, raise Preempted."""
+        stop, settings = self.stop, self.config.checkpoint
+        grace, saved = settings.preemption_grace_s, self.checkpoints.last_saved_step
+        signal_name = stop.signal_name or "a signal to another rank"
+        if self.env.is_main:
+            logger.warning(
+                "%s: every rank stopped at step %d (epoch %d, batch %d%s)",
+                signal_name,
+                self.step,
+                epoch,
+                batch,
+                ", before the evaluation due there" if eval_pending else "",
+            )
+        if not settings.enabled:
+            what = "nothing saved (checkpoint.enabled is false): the next run starts over"
+        elif self.step == 0:
+            what = "nothing trained, nothing to save"
+        elif self.step == saved:
+            what = f"its checkpoint {self.checkpoints.root / step_dir_name(self.step)} exists"
+        else:
+            expected = (self.checkpoints.last_save_seconds or 0.0) + stop.seconds_since()
+            if expected > grace and self.env.is_main:
+                logger.warning(
+                    "the last save took %.1f s: this one may end after checkpoint.preemption_grace_s "
+                    "(%g s); if the job is killed first, latest stays %s",
+                    self.checkpoints.last_save_seconds or 0.0,
+                    grace,
+                    step_dir_name(saved) if saved else "none",
+                )
+            path = self.checkpoints.save(self.step, epoch, batch, final, eval_pending=eval_pending)
+            what = f"saved {path}"
+        elapsed = stop.seconds_since()
+        self.recorder.record(
+            "preempted", self.step, epoch, {"signal": stop.signal_name, "eval_pending": eval_pending}
+        )
+        self.recorder.close()
+        if elapsed > grace and self.env.is_main:
+            logger.warning(
+                "%s %.1f s after the signal, later than checkpoint.preemption_grace_s (%g s)",
+                what,
+                elapsed,
+                grace,
+            )
+        raise Preempted(
+            f"stopped at step {self.step} on {signal_name}: {what}"
+            + (f" {elapsed:.1f} s after the signal (grace {grace:g} s)" if stop.requested else "")
+            + "; the next run continues from it (checkpoint.resume: auto)"
+        )
 
     def _stops_early(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.should_stop
@@ -414,9 +551,14 @@ class Trainer:
         ev = self.eval_set
 
         def evaluate(field: str | None) -> dict[str, dict[str, float]]:
-            if field is None:
-                return self.evaluate(0, record=False)
-            return self.evaluate(0, ev.with_permutation(field), record=False)
+            result = self.evaluate(0, ev.with_permutation(field) if field else None, record=False)
+            if result is None:
+                raise Preempted(
+                    f"stopped during permutation importance on {self.stop.signal_name or 'a signal'}: "
+                    f"training is complete and saved at step {self.step}; the next run "
+                    "(checkpoint.resume: auto) computes the importance"
+                )
+            return result
 
         fields = self.config.data.sparse_feature_names
         source = {"run_dir": self.config.run_dir, "step": self.step, "data": ev.files}  # paths as given
@@ -435,4 +577,7 @@ def _close(batches: Iterator[Batch]) -> None:
 
 
 def train(config: ExperimentConfig, env: DistEnv) -> dict[str, dict[str, float]]:
-    return Trainer(config, env).fit()
+    """Train as ``config`` says. SIGTERM makes every rank stop at the same step, save and raise
+    :class:`~towerrec.trainer.preemption.Preempted` (``trainer.preemption``)."""
+    with StopRequest.on_sigterm() as stop:
+        return Trainer(config, env, stop).fit()

@@ -15,9 +15,11 @@ import sys
 from towerrec.launch.commands.common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     Subparsers,
     add_parser_to,
     positive_int,
+    probability,
     require_subcommand,
 )
 
@@ -38,16 +40,34 @@ def add_parser(subparsers: Subparsers) -> None:
         help="write a synthetic Parquet data set and a config that trains on it",
         description=(
             "Write a synthetic multi-task data set (Parquet files) and OUT/config.yaml, a\n"
-            "config that trains on it.\n\n"
+            "config that trains on it. Rows are generated and written one row group at a time:\n"
+            "memory does not grow with --rows.\n\n"
             "example:\n"
             "  towerrec data synth --out runs/demo-data --rows 200000 --seed 0\n"
-            "  towerrec train --config runs/demo-data/config.yaml --nproc_per_node 2"
+            "  towerrec train --config runs/demo-data/config.yaml --nproc_per_node 2\n"
+            "  towerrec data synth --out runs/big --rows 21000000 --eval_fraction 0.0476 \\\n"
+            "      --visitors 100000000   # + visitor_id: 64-bit ids, a 100M-row hashed table"
         ),
     )
     synth.add_argument("--out", required=True, metavar="DIR", help="output directory")
     synth.add_argument("--rows", required=True, type=positive_int, metavar="N", help="rows to write")
     synth.add_argument("--files", type=positive_int, default=4, metavar="M", help="Parquet files")
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    synth.add_argument(
+        "--eval_fraction",
+        type=probability,
+        default=0.2,
+        metavar="F",
+        help="share of the rows written to eval/, in [0, 1)",
+    )
+    synth.add_argument(
+        "--visitors",
+        type=positive_int,
+        default=None,
+        metavar="V",
+        help="also write visitor_id, ids over the whole int64 range read with id_mode: hash "
+        "through a `visitor` table of V rows (None: no such column)",
+    )
     synth.set_defaults(handler=synth_data)
 
     census = add_parser_to(
@@ -110,11 +130,20 @@ def synth_data(args: argparse.Namespace) -> int:
     """``towerrec data synth``."""
     from towerrec.data.synth import write_synthetic
 
-    summary = write_synthetic(args.out, rows=args.rows, files=args.files, seed=args.seed)
-    rows = getattr(summary, "rows", None)  # data.synth.SynthSummary: rows per split
-    split_rows = ", ".join(f"{k} {v}" for k, v in rows.items()) if isinstance(rows, dict) else ""
-    config = getattr(summary, "config_path", None) or os.path.join(args.out, "config.yaml")
-    print(f"data:   {os.path.abspath(args.out)} ({split_rows or f'{args.rows} rows'})")
+    if args.eval_fraction == 1.0:
+        print("error: --eval_fraction must be below 1 (no training rows left)", file=sys.stderr)
+        return EXIT_USAGE
+    summary = write_synthetic(
+        args.out,
+        rows=args.rows,
+        files=args.files,
+        seed=args.seed,
+        eval_fraction=args.eval_fraction,
+        visitors=args.visitors or 0,
+    )
+    split_rows = ", ".join(f"{k} {v}" for k, v in summary.rows.items())
+    config = summary.config_path
+    print(f"data:   {os.path.abspath(args.out)} ({split_rows})")
     print(f"config: {os.path.abspath(config)}")
     print(f"next:   towerrec train --config {config}")
     return EXIT_OK

@@ -5,10 +5,12 @@ from __future__ import annotations
 import filecmp
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from towerrec.data.config import resolve_paths
+from towerrec.data.hashing import hash_ids
 from towerrec.data.parquet import ParquetDataset
 from towerrec.data.synth import synthetic_config, write_synthetic
 
@@ -86,3 +88,30 @@ def test_memory_does_not_grow_with_rows(tmp_path, memory_probe):
         assert peak["arrow"] < 4 * chunk_bytes, (peak, chunk_bytes)
     assert peaks[1]["python"] < 1.2 * peaks[0]["python"] + 16384
     assert peaks[1]["arrow"] < 1.2 * peaks[0]["arrow"] + 16384
+
+
+def test_visitor_ids_span_int64_and_load_through_a_hashed_table(tmp_path):
+    plain = write_synthetic(str(tmp_path / "plain"), rows=2000, files=1)
+    assert "visitor_id" not in pq.read_schema(plain.train_files[0]).names  # opt-in only
+    visitors = 10**9  # never allocated: the loader only hashes into it
+    summary = write_synthetic(str(tmp_path / "v"), rows=20_000, files=2, eval_fraction=0.1, visitors=visitors)
+    assert summary.rows == {"train": 18_000, "eval": 2_000}
+    ids = pa.concat_tables(pq.read_table(f, columns=["visitor_id"]) for f in summary.train_files)
+    raw = ids.column("visitor_id").to_numpy()
+    # splitmix64 images of visitor numbers: spread over the whole int64 range, signs included.
+    assert raw.min() < -(2**62) and raw.max() > 2**62
+    assert 1_000 < len(np.unique(raw)) < len(raw)  # Zipf: repeated visitors, and many of them
+    with open(summary.config_path) as f:
+        raw_config = yaml.safe_load(f)
+    assert raw_config == synthetic_config(summary.out_dir, visitors=visitors)
+    table = next(t for t in raw_config["data"]["tables"] if t["name"] == "visitor")
+    assert table["num_embeddings"] == visitors
+    feature = next(f for f in raw_config["data"]["sparse_features"] if f["name"] == "visitor_id")
+    assert feature == {"name": "visitor_id", "table": "visitor", "id_mode": "hash"}
+
+    from towerrec.trainer.config import load_config
+
+    data = load_config(summary.config_path).data
+    dataset = ParquetDataset(summary.train_files, data, batch_size=4096)
+    loaded = np.concatenate([b.sparse.to_dict()["visitor_id"].values().numpy() for b in dataset])
+    np.testing.assert_array_equal(loaded, hash_ids(raw, visitors))  # every row, in file order

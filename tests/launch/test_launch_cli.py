@@ -116,6 +116,21 @@ def test_train_checks_the_data_before_launching(synth_data, tmp_path):
     assert missing.returncode == 2 and "data.eval:" in missing.stderr and "matches no file" in missing.stderr
 
 
+def test_data_synth_eval_fraction_and_hashed_visitor_ids(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "v"
+    argv = ["data", "synth", "--out", str(out), "--rows", "2000", "--files", "1"]
+    assert cli.main([*argv, "--eval_fraction", "0.25", "--visitors", "5000000"]) == 0
+    assert "train 1500, eval 500" in capsys.readouterr().out
+    assert pq.read_schema(out / "train" / "part-00000.parquet").field("visitor_id").type == "int64"
+    assert cli.main([*argv, "--eval_fraction", "1"]) == 2
+    assert "--eval_fraction must be below 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--visitors", "0"])
+    assert exit_.value.code == 2 and "--visitors" in capsys.readouterr().err
+
+
 def test_data_synth_rejects_non_positive_rows(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["data", "synth", "--out", "x", "--rows", "0"])

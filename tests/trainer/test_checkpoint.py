@@ -4,11 +4,8 @@ plans, loading into a plain module, and one clear error per bad checkpoint."""
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from dist_utils import run_on_ranks
+from job_helpers import signal_tree, torchrun_job
 
 SMALL = ["training.batch_size=512", "training.num_workers=0", "training.log_interval=1"]
 # 16,000 train rows / 2 ranks / 512 = 16 steps per epoch.
@@ -43,6 +41,14 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
             for state, value in states.items():
                 out[f"{name}/{key}/{state}"] = _local(value)
     return out
+
+
+def _assert_same_state(a: dict[str, Any], b: dict[str, Any], label: str) -> None:
+    r"""Two :func:`_snapshot`\ s hold the same keys and bitwise equal pieces."""
+    assert a.keys() == b.keys(), label
+    for key in a:
+        for (offset_a, x), (offset_b, y) in zip(a[key], b[key], strict=True):
+            assert offset_a == offset_b and np.array_equal(x, y), f"{label}: {key} differs"
 
 
 # Warmup over 4 steps, then cosine down to 0.1 over the rest of 2 epochs (32 - 4 steps).
@@ -149,6 +155,9 @@ SOURCE_PLAN = [  # 2 ranks: every CPU placement, tables split in 4 and 2 column 
     "sharding.constraints.city.sharding_types=[column_wise]",
     "sharding.constraints.city.min_partition=8",
     "sharding.constraints.device.sharding_types=[data_parallel]",
+    # ~10 KB row chunks (trainer.checkpoint.chunks): every table and its state saved in several
+    # items, the data-parallel category's spread over both ranks; the resumes below reshard them.
+    "checkpoint.chunk_mb=0.01",
 ]
 
 
@@ -302,6 +311,23 @@ def _check_reshard(results: list, expect_placement: dict[str, str], resumed: tup
     assert seen_weights == seen_momentum == set(expect_placement)
 
 
+def _assert_row_chunks(step_dir: Path) -> None:
+    """SOURCE_PLAN's checkpoint.chunk_mb: the tables and their state went to disk in ~10 KB
+    row chunks, the data-parallel category's written by both ranks."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(step_dir)).read_metadata()
+    tensors = metadata.state_dict_metadata
+    chunk = int(0.01 * 2**20)
+    user = tensors["model.model.ebc.embedding_bags.user.weight"].chunks  # 100,000 x 16 fp32
+    assert len(user) == math.ceil(100_000 / (chunk // 64)) and max(c.sizes[0] for c in user) == chunk // 64
+    momentum = tensors["optim.sparse.item.momentum1"].chunks  # 50,000 rows x 4 column shards
+    assert len(momentum) == 4 * math.ceil(50_000 / (chunk // 4))
+    category = [index for index in metadata.storage_data if index.fqn.endswith("category.weight")]
+    files = {metadata.storage_data[index].relative_path for index in category}
+    assert files == {"__0_0.distcp", "__1_0.distcp"}
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank_with_another_plan(
     synth_data: Path, source_run: Path, tmp_path: Path
 ) -> None:
@@ -318,6 +344,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_another_plan(
         len(meta["tables"]["item"]["column_groups"]) == 4
         and len(meta["tables"]["city"]["column_groups"]) == 2
     )
+    _assert_row_chunks(source_run / "checkpoints" / "step-00000004")
     plan = [  # every table changes placement
         "sharding.constraints.user.sharding_types=[column_wise]",  # TW -> CW: 1 shard split in 2
         "sharding.constraints.user.min_partition=8",
@@ -438,6 +465,12 @@ def test_missing_damaged_or_foreign_checkpoints_give_one_clear_error(
         f.truncate(size // 2)
     assert f"__1_0.distcp is truncated: {size // 2} bytes, expected at least {size}" in error(run_dir)
 
+    run_dir, step_dir = damaged("corrupted")  # same size, other bytes: its CRC32 in meta.json tells
+    with open(step_dir / "__0_0.distcp", "r+b") as f:
+        f.seek((step_dir / "__0_0.distcp").stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    assert "is damaged:\n  __0_0.distcp is corrupted: CRC32 " in error(run_dir)
+
     run_dir, step_dir = damaged("missing-file")
     (step_dir / "__0_0.distcp").unlink()
     assert "is damaged:\n  __0_0.distcp is missing" in error(run_dir)
@@ -514,71 +547,12 @@ def test_resume_settings_and_a_foreign_checkpoint_stop_the_run(
 
 # ---- a save killed in the middle ---------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _torchrun(
-    config: Path,
-    overrides: list[str],
-    log: Path,
-    pause: tuple[int, float] | None = None,
-    max_file_bytes: int | None = None,
-) -> subprocess.Popen:
-    """``towerrec.trainer.main`` on 2 ranks; ``pause=(step, seconds)``: every rank sleeps inside
-    the save of ``step`` (tests/trainer/paused_save_main.py); ``max_file_bytes``: the job's file
-    size limit (``ulimit -f``), a disk that refuses large writes."""
-    from dist_utils import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(free_port())]
-    if pause is None:
-        cmd += ["-m", "towerrec.trainer.main"]
-    else:
-        cmd += [str(Path(__file__).with_name("paused_save_main.py")), *map(str, pause)]
-    cmd += ["--config", str(config)]
-    for override in overrides:
-        cmd += ["--set", override]
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=None if max_file_bytes is None else lambda: _limit_file_size(max_file_bytes),
-        )
-
-
-def _limit_file_size(size: int) -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it: torchrun starts each rank in a session of
-    its own, so the ranks (and their loader workers) are not in torchrun's process group."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    for member in tree:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
 
 def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
     synth_data: Path, tmp_path: Path
 ) -> None:
+    """With ``keep_last: 1`` too: retention deletes the previous checkpoint only once the new one
+    is complete and ``latest`` names it."""
     from paused_save_main import PAUSED
     from towerrec.trainer.checkpoint import load_model_state
 
@@ -591,7 +565,8 @@ def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
     ]
     log = tmp_path / "killed.log"
     # Both ranks sleep inside the save of step 6, after writing their data, before DCP's index.
-    proc = _torchrun(synth_data / "config.yaml", overrides, log, pause=(6, 120))
+    pause = [str(Path(__file__).with_name("paused_save_main.py")), "6", "120"]
+    proc = torchrun_job(synth_data / "config.yaml", [*overrides, "checkpoint.keep_last=1"], log, script=pause)
     try:
         deadline = time.monotonic() + 120
         while log.read_text().count(f"{PAUSED} 6") < 2:
@@ -599,7 +574,7 @@ def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
             assert time.monotonic() < deadline, "the save of step 6 never started"
             time.sleep(0.2)
     finally:
-        _kill_tree(proc.pid)  # torchrun, both ranks and their loader workers, mid-save
+        signal_tree(proc.pid)  # torchrun, both ranks and their loader workers, mid-save
         proc.wait()
     checkpoints = run_dir / "checkpoints"
     partial = checkpoints / "step-00000006.tmp"
@@ -611,7 +586,7 @@ def test_a_save_killed_midway_leaves_latest_and_its_checkpoint_intact(
 
     # Restarted in the same run directory, the run resumes from step 3 and finishes.
     log = tmp_path / "resumed.log"
-    proc = _torchrun(synth_data / "config.yaml", overrides + ["checkpoint.keep_last=2"], log)
+    proc = torchrun_job(synth_data / "config.yaml", overrides + ["checkpoint.keep_last=2"], log)
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "step-00000006.tmp, left by an interrupted save" in text
@@ -629,7 +604,7 @@ def test_a_save_that_hits_the_file_size_limit_stops_the_run_and_keeps_latest(
     run_dir = tmp_path / "run"
     overrides = [f"run_dir={run_dir}", *SMALL, "checkpoint.interval=4", "checkpoint.keep_last=1"]
     config = synth_data / "config.yaml"
-    first = _torchrun(config, [*overrides, "training.max_steps=4"], tmp_path / "first.log")
+    first = torchrun_job(config, [*overrides, "training.max_steps=4"], tmp_path / "first.log")
     assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
     checkpoints = run_dir / "checkpoints"
     saved = checkpoints / "step-00000004"
@@ -637,7 +612,7 @@ def test_a_save_that_hits_the_file_size_limit_stops_the_run_and_keeps_latest(
     shard_bytes = max(f.stat().st_size for f in saved.iterdir())
 
     log = tmp_path / "limited.log"
-    limited = _torchrun(config, [*overrides, "training.max_steps=8"], log, max_file_bytes=shard_bytes // 2)
+    limited = torchrun_job(config, [*overrides, "training.max_steps=8"], log, max_file_bytes=shard_bytes // 2)
     assert limited.wait(timeout=240) != 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "saving checkpoint step-00000008 failed" in text, text[-3000:]
@@ -649,7 +624,7 @@ def test_a_save_that_hits_the_file_size_limit_stops_the_run_and_keeps_latest(
 
     assert load_model_state(run_dir, None, _plain_module(synth_data)).step == 4  # still loads
 
-    again = _torchrun(config, [*overrides, "training.max_steps=8"], tmp_path / "again.log")
+    again = torchrun_job(config, [*overrides, "training.max_steps=8"], tmp_path / "again.log")
     assert again.wait(timeout=240) == 0, (tmp_path / "again.log").read_text()[-3000:]
     assert "step 4, epoch 0, batch 4" in (tmp_path / "again.log").read_text()
     assert (checkpoints / "latest").read_text().strip() == "step-00000008"

@@ -12,6 +12,10 @@ from towerrec.trainer.config import CheckpointConfig, ConfigError, load_config
 def test_defaults_save_every_1000_steps_keep_two_and_resume_automatically(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE))
     assert config.checkpoint == CheckpointConfig(enabled=True, interval=1000, keep_last=2, resume="auto")
+    # Faults: fall back from a damaged latest, check checksums, stop on a failed save, 25 s grace.
+    c = config.checkpoint
+    assert c.resume_fallback and c.checksums and c.on_save_error == "stop" and c.preemption_grace_s == 25.0
+    assert (config.training.nonfinite, config.training.nonfinite_max_skips) == ("stop", 10)
 
 
 def test_overrides_set_every_key(tmp_path: Path) -> None:
@@ -31,6 +35,9 @@ def test_overrides_set_every_key(tmp_path: Path) -> None:
         ("checkpoint.keep_last=0", "checkpoint.keep_last: Input should be greater than 0"),
         ("checkpoint.interval=-1", "checkpoint.interval: Input should be greater than or equal to 0"),
         ("checkpoint.every=10", "checkpoint.every: unknown key"),
+        ("checkpoint.on_save_error=retry", "checkpoint.on_save_error: Input should be 'stop' or 'continue'"),
+        ("checkpoint.preemption_grace_s=0", "checkpoint.preemption_grace_s: Input should be greater than 0"),
+        ("checkpoint.resume_fallback=maybe", "checkpoint.resume_fallback: Input should be a valid boolean"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, override: str, expected: str) -> None:

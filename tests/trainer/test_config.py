@@ -88,6 +88,8 @@ def test_base_dir_rebases_relative_paths(tmp_path: Path) -> None:
             "sharding.constraints.ghost: unknown table",
         ),
         ("training.sparse_optimizer.type=adam", "training.sparse_optimizer.type: Input should be"),
+        ("training.nonfinite=ignore", "training.nonfinite: Input should be 'stop' or 'skip'"),
+        ("training.nonfinite_max_skips=-1", "training.nonfinite_max_skips: Input should be greater than or"),
     ],
 )
 def test_each_mistake_names_its_key(tmp_path: Path, override: str, expected: str) -> None:

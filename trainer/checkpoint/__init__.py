@@ -9,8 +9,9 @@ Example::
 
 Modules: ``layout`` (folders, ``latest``, publishing, retention, leftovers), ``meta``
 (meta.json, typed), ``integrity`` (checks before loading; one-process load), ``sparse_state``
-(the tables' optimizer state and its resharding), ``train_state`` (RNG states, data position,
-where a resumed run continues), ``manager`` (:class:`CheckpointManager`).
+(the tables' optimizer state and its resharding), ``chunks`` (tables saved and read in row
+chunks, never as a second copy), ``train_state`` (RNG states, data position, where a resumed run
+continues), ``manager`` (:class:`CheckpointManager`).
 
 Layout (a contract: ``trainer.export`` reads it)::
 
@@ -25,6 +26,8 @@ Entries of the DCP state dict:
 * ``model``: ``TrainModule.state_dict()`` keys, exactly those of an unsharded
   ``build_train_module`` (DistributedModelParallel's state dict has them; sharded tables are
   ShardedTensors, data-parallel tables and the dense network plain tensors). DCP reshards on load.
+  Every tensor above ``checkpoint.chunk_mb`` (8 MB) is stored as row chunks of at most that size
+  (``chunks``); checkpoints written before, one item per shard, load the same way.
 * ``optim.dense``: the dense optimizer's state by parameter key.
 * ``optim.sparse.<table>.<state>``: the tables' optimizer state under fbgemm's names, whatever the
   placement (TorchRec issue 2394: a data-parallel table's torch optimizer names it otherwise);
@@ -40,7 +43,15 @@ deletes the oldest but the one ``best`` names (written after ``latest`` when
 run repairs ``best`` if a kill came between the two). A process killed anywhere before the last
 rename leaves ``latest`` and its checkpoint as they were; leftovers (``.tmp`` directories, a
 renamed directory ``latest`` never pointed to) are deleted when the run resumes. A failed save
-raises on every rank and changes nothing that was complete.
+raises on every rank, removes its ``.tmp`` directory and changes nothing that was complete
+(``checkpoint.on_save_error: continue``: the manager warns and the run goes on). Retention runs
+only after ``latest`` names the new checkpoint.
+
+Integrity: meta.json's ``files`` holds every DCP file's size and CRC32 (``checkpoint.checksums``),
+computed by each rank for the files it wrote; before loading, every file is checked for presence and
+size, and each rank checks the checksums of every world_size-th file. A damaged ``latest`` is
+renamed ``step-X.damaged`` and ``latest`` pointed to the previous complete checkpoint, with a
+warning naming the file (``checkpoint.resume_fallback``; false: the error stops the run).
 
 Resume policy (``checkpoint.resume``): ``auto`` continues from ``latest`` if there is one,
 ``required`` fails without one, ``never`` refuses a run directory that holds checkpoints. Before

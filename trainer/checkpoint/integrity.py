@@ -4,13 +4,17 @@ against the model; and loading the weights into one plain module after those che
 Example::
 
     metadata = verify_files(step_dir)                     # every .distcp file whole
+    digests = file_digests(step_dir, written_files(step_dir, rank))   # at save: CRC32 of a rank's files
+    checksum_problems(step_dir, meta.files, names)        # at load: [] or one line per damaged file
     differences = tensor_differences(metadata, "model", {k: v.size() for k, v in state.items()})
     load_model_state("runs/demo", None, build_train_module(config, torch.device("cpu")))
 """
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -18,16 +22,61 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from towerrec.trainer.checkpoint.layout import CheckpointError, find_checkpoint
-from towerrec.trainer.checkpoint.meta import CheckpointMeta, TableMeta, read_meta
+from towerrec.trainer.checkpoint.meta import CheckpointMeta, FileDigest, TableMeta, read_meta
 
 _MAX_LISTED = 20
+_READ_BYTES = 16 << 20
 
 
-def verify_files(step_dir: str | Path) -> Metadata:
-    """DCP's index, after checking that every file it names exists and is long enough.
+def written_files(step_dir: str | Path, rank: int) -> list[str]:
+    """The files of ``step_dir`` rank ``rank`` wrote in a DCP save: its ``__<rank>_<n>.distcp``
+    and, on rank 0 (DCP's coordinator), ``.metadata``."""
+    names = sorted(p.name for p in Path(step_dir).glob(f"__{rank}_*.distcp"))
+    return names + ([".metadata"] if rank == 0 else [])
+
+
+def file_digests(step_dir: str | Path, names: Iterable[str]) -> dict[str, FileDigest]:
+    """Size and CRC32 of the files ``names`` of ``step_dir`` (read once, in blocks)."""
+    digests, buffer = {}, bytearray(_READ_BYTES)
+    view = memoryview(buffer)
+    for name in names:
+        crc, size = 0, 0
+        with open(Path(step_dir) / name, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                crc, size = zlib.crc32(view[:n], crc), size + n
+        digests[name] = FileDigest(bytes=size, crc32=crc)
+    return digests
+
+
+def checksum_problems(
+    step_dir: str | Path, expected: Mapping[str, FileDigest], names: Iterable[str] | None = None
+) -> list[str]:
+    """One line per file of ``names`` (default: all of ``expected``) whose size or CRC32 differs
+    from ``expected`` (meta.json's ``files``), naming the file."""
+    problems = []
+    for name in sorted(expected if names is None else names):
+        path = Path(step_dir) / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            want, found = expected[name], file_digests(step_dir, [name])[name]
+        except OSError as e:
+            problems.append(f"{name} is unreadable: {e.strerror}")
+            continue
+        if found.bytes != want.bytes:
+            problems.append(f"{name} has {found.bytes} bytes, {want.bytes} were written (truncated?)")
+        elif found.crc32 != want.crc32:
+            problems.append(f"{name} is corrupted: CRC32 {found.crc32:08x}, {want.crc32:08x} when written")
+    return problems
+
+
+def verify_files(step_dir: str | Path, digests: Mapping[str, FileDigest] | None = None) -> Metadata:
+    """DCP's index, after checking that every file it names exists and is long enough, and with
+    ``digests`` (meta.json's ``files``) that every file matches its checksum.
 
     Raises:
-        CheckpointError: listing every missing or truncated file.
+        CheckpointError: listing every missing, truncated or corrupted file.
     """
     step_dir = Path(step_dir)
     if not (step_dir / ".metadata").is_file():
@@ -46,6 +95,8 @@ def verify_files(step_dir: str | Path) -> Metadata:
             problems.append(f"{name} is missing")
         elif path.stat().st_size < size:
             problems.append(f"{name} is truncated: {path.stat().st_size} bytes, expected at least {size}")
+    if not problems and digests:
+        problems = checksum_problems(step_dir, digests)
     if problems:
         raise CheckpointError(f"checkpoint {step_dir} is damaged:\n  " + "\n  ".join(problems))
     return metadata
@@ -121,6 +172,8 @@ def _last_line(error: BaseException) -> str:
 def load_model_state(run_dir: str | Path, step: int | None, module: torch.nn.Module) -> CheckpointMeta:
     """Load checkpoint ``step`` (None: the latest) of ``run_dir`` into an unsharded ``TrainModule``
     in this process alone (no process group needed), whatever world size and plan wrote it.
+    Tensors of ``module`` on the meta device (e.g. tables built with ``device=meta``) are
+    checked against the checkpoint but left unread.
 
     Raises:
         CheckpointError: missing or damaged files, or tables / tensors that differ from ``module``
@@ -128,7 +181,7 @@ def load_model_state(run_dir: str | Path, step: int | None, module: torch.nn.Mod
     """
     step_dir = find_checkpoint(run_dir, step)
     meta = read_meta(step_dir)
-    metadata = verify_files(step_dir)
+    metadata = verify_files(step_dir, meta.files)
     state = module.state_dict()
     differences = []
     if meta.tables:
@@ -138,8 +191,10 @@ def load_model_state(run_dir: str | Path, step: int | None, module: torch.nn.Mod
     differences += tensor_differences(metadata, "model", {k: v.size() for k, v in state.items()})
     if differences:
         raise mismatch_error(step_dir, differences)
+    # Tables on the meta device are checked but not read (trainer.export streams them).
+    wanted = {k: v for k, v in state.items() if not v.is_meta}
     try:
-        dcp.load({"model": state}, checkpoint_id=str(step_dir), no_dist=True)
+        dcp.load({"model": wanted}, checkpoint_id=str(step_dir), no_dist=True)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, reported as one
         raise CheckpointError(f"checkpoint {step_dir} could not be read: {describe_dcp_error(e)}") from None
     module.load_state_dict(state)

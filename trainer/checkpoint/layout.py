@@ -27,6 +27,7 @@ LATEST = "latest"
 BEST = "best"
 META = "meta.json"
 TMP_SUFFIX = ".tmp"
+DAMAGED_SUFFIX = ".damaged"
 
 
 class CheckpointError(RuntimeError):
@@ -163,6 +164,23 @@ def publish(tmp: Path, keep_last: int, best: bool = False) -> Path:
 def mark_best(run_dir: str | Path, step: int) -> None:
     """Point ``best`` to checkpoint ``step`` (a resumed run repairing a pointer write cut short)."""
     _point(checkpoint_root(run_dir) / BEST, find_checkpoint(run_dir, step))
+
+
+def mark_latest(run_dir: str | Path, step: int) -> None:
+    """Point ``latest`` to checkpoint ``step`` (a resume falling back from a damaged one)."""
+    _point(checkpoint_root(run_dir) / LATEST, find_checkpoint(run_dir, step))
+
+
+def set_aside(step_dir: Path) -> Path:
+    """Rename a damaged checkpoint to ``step-XXXXXXXX.damaged`` (``.damaged.1``, ... if taken):
+    kept for inspection, no longer seen by resume, retention or the leftover clean-up."""
+    target, n = step_dir.with_name(step_dir.name + DAMAGED_SUFFIX), 0
+    while target.exists():
+        n += 1
+        target = step_dir.with_name(f"{step_dir.name}{DAMAGED_SUFFIX}.{n}")
+    os.rename(step_dir, target)
+    fsync_dir(step_dir.parent)
+    return target
 
 
 def _point(pointer: Path, step_dir: Path) -> None:

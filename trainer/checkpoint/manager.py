@@ -21,16 +21,21 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from towerrec.data.parquet import ParquetDataset, resume_plan
+from towerrec.trainer.checkpoint.chunks import SavedRows, chunked_state
 from towerrec.trainer.checkpoint.integrity import (
+    checksum_problems,
     describe_dcp_error,
+    file_digests,
     mismatch_error,
     table_differences,
     tensor_differences,
     verify_files,
+    written_files,
 )
 from towerrec.trainer.checkpoint.layout import (
     LATEST,
@@ -42,9 +47,12 @@ from towerrec.trainer.checkpoint.layout import (
     find_checkpoint,
     latest_checkpoint,
     mark_best,
+    mark_latest,
     publish,
     remove_leftovers,
+    set_aside,
     step_dir_name,
+    step_of,
 )
 from towerrec.trainer.checkpoint.meta import (
     FORMAT_VERSION,
@@ -54,7 +62,6 @@ from towerrec.trainer.checkpoint.meta import (
     read_meta,
 )
 from towerrec.trainer.checkpoint.sparse_state import (
-    BoxLoadPlanner,
     column_groups,
     sparse_state,
     sparse_targets,
@@ -90,6 +97,8 @@ class CheckpointManager:
         early_stopping: its state is saved and restored; its new best steps are saved and
             become ``checkpoints/best``.
         lr_schedule: its schedulers' state is saved (meta.json) and restored.
+        nonfinite: the non-finite guard (``trainer.nonfinite``); its skipped steps are saved and
+            restored.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class CheckpointManager:
         train_set: ParquetDataset,
         early_stopping: EarlyStopping | None = None,
         lr_schedule: LRSchedule | None = None,
+        nonfinite: Any | None = None,
     ) -> None:
         self.config = config
         self.settings = config.checkpoint
@@ -114,9 +124,11 @@ class CheckpointManager:
         self.train_set = train_set
         self.early_stopping = early_stopping
         self.lr_schedule = lr_schedule
+        self.nonfinite = nonfinite
         self.root = checkpoint_root(config.run_dir)
         self.layout = data_layout(train_set, config.training.num_workers)
         self.last_saved_step: int | None = None
+        self.last_save_seconds: float | None = None
 
     @property
     def interval(self) -> int:
@@ -151,24 +163,46 @@ class CheckpointManager:
         return self.early_stopping is not None and self.early_stopping.best_step == step
 
     def maybe_save(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> bool:
-        """Save if ``step`` is a multiple of ``checkpoint.interval`` or early stopping's new best."""
+        """Save if ``step`` is a multiple of ``checkpoint.interval`` or early stopping's new best.
+
+        A failed save raises, or with ``checkpoint.on_save_error: continue`` logs a warning and
+        returns False (``latest`` is still the previous complete checkpoint).
+        """
         due = (self.interval and step % self.interval == 0) or self._is_best(step)
-        if self.settings.enabled and due and step != self.last_saved_step:
+        if not (self.settings.enabled and due and step != self.last_saved_step):
+            return False
+        try:
             self.save(step, epoch, batch, eval_metrics)
-            return True
-        return False
+        except CheckpointError as e:
+            if self.settings.on_save_error != "continue":
+                raise
+            if self.env.is_main:
+                best = " (a new best: checkpoints/best stays where it was)" if self._is_best(step) else ""
+                logger.warning(
+                    "checkpoint at step %d not saved%s; training goes on (checkpoint.on_save_error: "
+                    "continue): %s",
+                    step,
+                    best,
+                    e,
+                )
+            return False
+        return True
 
     def save_final(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> None:
         """The end-of-run save (unless disabled, nothing trained, or this step is saved)."""
         if self.settings.enabled and step > 0 and step != self.last_saved_step:
             self.save(step, epoch, batch, eval_metrics)
 
-    def save(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any], eval_pending: bool = False
+    ) -> Path:
         """Save the run after global ``step``, with ``batch`` batches of ``epoch`` taken; every
-        rank calls it. Returns the checkpoint directory.
+        rank calls it. Returns the checkpoint directory. ``eval_pending``: the evaluation due at
+        ``step`` did not run (a preemption); the resumed run runs it first.
 
         Raises:
-            CheckpointError: on every rank if any rank failed; ``latest`` is then unchanged.
+            CheckpointError: on every rank if any rank failed; ``latest`` is then unchanged and
+                the partial ``.tmp`` directory removed.
         """
         started = time.perf_counter()
         if batch >= self.layout.steps_per_epoch:
@@ -184,11 +218,14 @@ class CheckpointManager:
         self._on_main(prepare)
         self._barrier()
         kind = self.config.training.sparse_optimizer.type
+        # Tables in row chunks: DCP clones each item it writes (chunks.py), never a whole table.
+        chunk = int(self.settings.chunk_mb * 2**20)
+        sparse = sparse_state(self.model.fused_optimizer, self.table_optimizer, kind)
         state = {
-            "model": self.model.state_dict(),
+            "model": chunked_state(self.model.state_dict(), chunk),
             "optim": _non_empty(
                 dense=self.dense_optimizer.state_dict()["state"],
-                sparse=sparse_state(self.model.fused_optimizer, self.table_optimizer, kind),
+                sparse=chunked_state(sparse, chunk),
             ),
             "progress": json.dumps({"step": step, "epoch": epoch, "batch_in_epoch": batch}),
             # One top-level key per rank: DCP stores a dict without tensors as one value, which
@@ -199,26 +236,72 @@ class CheckpointManager:
         }
         try:
             dcp.save(state, storage_writer=FileSystemWriter(str(tmp)), process_group=self.env.cpu_group)
+            # dcp.save returned on every rank: every rank's data and DCP's .metadata are written.
+            files = self._digests(tmp) if self.settings.checksums else None
+            meta = self._meta(step, epoch, batch, eval_metrics, eval_pending, files)
+
+            def finish() -> Path:
+                meta.write(tmp)
+                return publish(tmp, self.settings.keep_last, best=self._is_best(step))
+
+            final = self._on_main(finish)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, as one
+            self._on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))  # free what it took
             latest = latest_checkpoint(self.config.run_dir)
+            reason = str(e) if isinstance(e, CheckpointError) else describe_dcp_error(e)
             raise CheckpointError(
-                f"saving checkpoint {name} failed ({describe_dcp_error(e)}); the latest complete checkpoint "
+                f"saving checkpoint {name} failed ({reason}); the latest complete checkpoint "
                 f"({latest.name if latest else 'none'}) is unchanged"
             ) from None
-        # dcp.save returned on every rank: every rank's data and DCP's .metadata are written.
-        meta = self._meta(step, epoch, batch, eval_metrics)
-
-        def finish() -> Path:
-            meta.write(tmp)
-            return publish(tmp, self.settings.keep_last, best=self._is_best(step))
-
-        final = self._on_main(finish)
         self.last_saved_step = step
+        self.last_save_seconds = time.perf_counter() - started
         if self.env.is_main:
-            logger.info("checkpoint %s saved in %.1f s", final, time.perf_counter() - started)
+            logger.info("checkpoint %s saved in %.1f s", final, self.last_save_seconds)
         return final
 
-    def _meta(self, step: int, epoch: int, batch: int, eval_metrics: dict[str, Any]) -> CheckpointMeta:
+    def _digests(self, step_dir: Path) -> dict[str, Any]:
+        """Every rank's CRC32 of the files it wrote, gathered (collective; an unreadable file
+        raises on every rank)."""
+        mine: dict[str, Any] | str
+        try:
+            mine = file_digests(step_dir, written_files(step_dir, self.env.rank))
+        except OSError as e:
+            mine = f"rank {self.env.rank}: reading back {e.filename}: {e.strerror}"
+        gathered: list[Any] = [mine]
+        if self.env.world_size > 1:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, mine, group=self.env.cpu_group)
+        errors = [part for part in gathered if isinstance(part, str)]
+        if errors:
+            raise CheckpointError("; ".join(errors))
+        return {name: digest for part in gathered for name, digest in part.items()}
+
+    def record_evaluation(self, step: int, eval_metrics: dict[str, Any]) -> None:
+        """The evaluation a preemption interrupted, run by the resumed run at ``step`` (its
+        checkpoint): into that checkpoint's meta.json (result, early stopping's state), and
+        ``best`` if it is early stopping's new best; every rank calls it."""
+
+        def update() -> None:
+            step_dir = self.root / step_dir_name(step)
+            meta = read_meta(step_dir)
+            stopping = self.early_stopping.state_dict() if self.early_stopping is not None else None
+            changes = {"eval_metrics": eval_metrics, "eval_pending": False, "early_stopping": stopping}
+            meta.model_copy(update=changes).write(step_dir)
+            if self._is_best(step):
+                mark_best(self.config.run_dir, step)
+
+        if self.settings.enabled:
+            self._on_main(update)
+
+    def _meta(
+        self,
+        step: int,
+        epoch: int,
+        batch: int,
+        eval_metrics: dict[str, Any],
+        eval_pending: bool,
+        files: dict[str, Any] | None,
+    ) -> CheckpointMeta:
         placements = table_placements(self.plan)
         tables = {}
         for t in self.config.data.tables:
@@ -246,6 +329,9 @@ class CheckpointManager:
             eval_metrics=eval_metrics,
             early_stopping=self.early_stopping.state_dict() if self.early_stopping is not None else None,
             lr_schedule=self.lr_schedule.state_dict() if self.lr_schedule is not None else None,
+            nonfinite=self.nonfinite.state_dict() if self.nonfinite is not None else None,
+            eval_pending=eval_pending,
+            files=files,
             saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             versions={p: _version(p) for p in ("torch", "torchrec", "fbgemm_gpu_cpu", "fbgemm_gpu")},
         )
@@ -262,6 +348,12 @@ class CheckpointManager:
         if not self.settings.enabled:
             return None
         meta = self._on_main(self._choose)
+        while meta is not None:  # every rank checks the checksums of a share of the files
+            problems = self._checksum_problems(meta)
+            if not problems:
+                break
+            damaged = (meta.path, f"checkpoint {meta.path} is damaged:\n  " + "\n  ".join(problems))
+            meta = self._on_main(lambda damaged=damaged: self._choose(damaged))
         if meta is None:
             return None
         self._load(meta)
@@ -270,6 +362,8 @@ class CheckpointManager:
         if self.early_stopping is not None:
             self.early_stopping.load_state_dict(meta.early_stopping)
             self._on_main(self._repair_best)
+        if self.nonfinite is not None:
+            self.nonfinite.load_state_dict(meta.nonfinite)
         point = resume_point(meta, self.layout, self.env.world_size, log=self.env.is_main)
         if self.env.is_main:
             logger.info(
@@ -302,9 +396,25 @@ class CheckpointManager:
             if best is None or best.name != step_dir_name(step):
                 mark_best(self.config.run_dir, step)
 
-    def _choose(self) -> CheckpointMeta | None:
-        """Rank 0: the checkpoint to resume from, checked against this run; leftovers removed."""
+    def _checksum_problems(self, meta: CheckpointMeta) -> list[str]:
+        """Files of checkpoint ``meta`` that do not match meta.json's checksums; each rank reads
+        every world_size-th file, the answers are gathered (collective)."""
+        if not meta.files:
+            return []
+        names = sorted(meta.files)[self.env.rank :: self.env.world_size]
+        mine = checksum_problems(meta.path, meta.files, names)
+        if self.env.world_size == 1:
+            return mine
+        gathered: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(gathered, mine, group=self.env.cpu_group)
+        return [line for part in gathered for line in part]
+
+    def _choose(self, damaged: tuple[Path, str] | None = None) -> CheckpointMeta | None:
+        """Rank 0: the checkpoint to resume from, checked against this run; leftovers removed.
+        ``damaged``: a checkpoint found damaged after this chose it, and why."""
         mode, run_dir = self.settings.resume, self.config.run_dir
+        if damaged is not None:
+            self._fall_back(*damaged)
         latest = latest_checkpoint(run_dir)
         if mode == "never":
             if latest is not None or complete_steps(run_dir):
@@ -323,15 +433,51 @@ class CheckpointManager:
                 )
             remove_leftovers(self.root, None)
             return None
-        step_dir = find_checkpoint(run_dir)
-        meta = read_meta(step_dir)
-        metadata = verify_files(step_dir)
+        meta, metadata = self._newest_whole()
         differences = self._differences(meta, metadata)
         if differences:
-            raise mismatch_error(step_dir, differences)
+            raise mismatch_error(meta.path, differences)
         self._log_config_changes(meta)
         remove_leftovers(self.root, meta.step)
         return meta
+
+    def _newest_whole(self) -> tuple[CheckpointMeta, Metadata]:
+        """Rank 0: ``latest``'s meta and DCP index once its files are all there and long
+        enough; a damaged one is replaced by the previous complete checkpoint when
+        ``checkpoint.resume_fallback`` allows (:meth:`_fall_back`)."""
+        while True:
+            latest = latest_checkpoint(self.config.run_dir)
+            try:
+                step_dir = find_checkpoint(self.config.run_dir)
+                meta = read_meta(step_dir)
+                return meta, verify_files(step_dir)
+            except CheckpointError as e:
+                assert latest is not None  # _choose returns before when there is no latest
+                self._fall_back(latest, str(e))
+
+    def _fall_back(self, step_dir: Path, reason: str) -> None:
+        """Rank 0: checkpoint ``step_dir`` (what ``latest`` names) is damaged for ``reason``. Set
+        it aside as ``step-X.damaged`` and point ``latest`` to the newest older complete
+        checkpoint, with a warning; or raise when ``checkpoint.resume_fallback`` is false or
+        there is none."""
+        step = step_of(step_dir.name)
+        older = [s for s in complete_steps(self.config.run_dir) if step is None or s < step]
+        if not self.settings.resume_fallback or not older:
+            hint = (
+                "no older complete checkpoint to fall back to"
+                if not older
+                else f"checkpoint.resume_fallback=true would resume from {step_dir_name(older[-1])} instead"
+            )
+            raise CheckpointError(f"{reason}\n{hint}")
+        aside = set_aside(step_dir) if step_dir.is_dir() else None
+        mark_latest(self.config.run_dir, older[-1])
+        logger.warning(
+            "%s\nresuming from the previous complete checkpoint %s instead (checkpoint.resume_fallback: "
+            "true): the steps after it are trained again%s",
+            reason,
+            step_dir_name(older[-1]),
+            f"; the damaged checkpoint is kept as {aside}" if aside is not None else "",
+        )
 
     def _differences(self, meta: CheckpointMeta, metadata: Metadata) -> list[str]:
         training = self.config.training
@@ -386,14 +532,18 @@ class CheckpointManager:
             dcp.load(
                 state,
                 checkpoint_id=str(step_dir),
-                planner=BoxLoadPlanner(targets.boxes),
                 process_group=self.env.cpu_group,
             )
+            targets.fill(SavedRows(step_dir, metadata))  # row-wise state, chunk by chunk
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's errors, as one
             reason = describe_dcp_error(e)
             raise CheckpointError(f"checkpoint {step_dir} could not be read: {reason}") from None
-        targets.fill()
-        self.model.load_state_dict(model_state)
+        # DCP wrote into the live tensors where the state dict holds views of them (fbgemm's
+        # tables, the dense parameters); loading those again would cost TorchRec a copy of each
+        # rank's column shards (torch.cat in its load hook).
+        copied = _copied_entries(model_state, self.model.state_dict())
+        if copied:
+            self.model.load_state_dict({k: model_state[k] for k in copied}, strict=False)
         self.dense_optimizer.load_state_dict(dense_state)
         self.model.fused_optimizer.load_state_dict(fused_state)
         if self.table_optimizer is not None:
@@ -404,6 +554,18 @@ class CheckpointManager:
             self.table_optimizer.load_state_dict(table_state)
         if same_world:
             set_rng_state(json.loads(state[f"ranks.{self.env.rank}"])["rng"])
+
+
+def _copied_entries(loaded: dict[str, Any], live: dict[str, Any]) -> list[str]:
+    """Keys of ``loaded`` whose tensors are not the storage of ``live`` (a fresh state dict of
+    the same module): only these still need ``load_state_dict``."""
+
+    def pointers(value: Any) -> list[int]:
+        if isinstance(value, ShardedTensor):
+            return [shard.tensor.data_ptr() for shard in value.local_shards()]
+        return [value.data_ptr()] if isinstance(value, torch.Tensor) else []
+
+    return [k for k, v in loaded.items() if not pointers(v) or pointers(v) != pointers(live.get(k))]
 
 
 def _non_empty(**entries: dict[str, Any]) -> dict[str, Any]:

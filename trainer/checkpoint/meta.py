@@ -56,6 +56,13 @@ class DataPosition(StrictModel):
     batches_per_worker: list[int]
 
 
+class FileDigest(StrictModel):
+    """One file of a checkpoint as it was written: its size and CRC32 (``zlib.crc32``)."""
+
+    bytes: int
+    crc32: int
+
+
 class CheckpointMeta(StrictModel):
     """meta.json of one checkpoint. ``epoch`` is the epoch the next step belongs to and
     ``batch_in_epoch`` the batches of it already taken (0: ``epoch`` epochs are complete).
@@ -78,6 +85,12 @@ class CheckpointMeta(StrictModel):
     early_stopping: dict[str, Any] | None = None
     # trainer.schedules.LRSchedule.state_dict(): the lr schedulers' state; None: saved before them
     lr_schedule: dict[str, Any] | None = None
+    # trainer.nonfinite.NonFiniteGuard.state_dict(): the steps skipped so far; None: saved before it
+    nonfinite: dict[str, Any] | None = None
+    # saved when a preemption interrupted the evaluation due at this step: the resumed run runs it
+    eval_pending: bool = False
+    # every DCP file of the checkpoint (checkpoint.checksums); None: not recorded
+    files: dict[str, FileDigest] | None = None
     saved_at: str
     versions: dict[str, str | None]
     _path: Path = PrivateAttr(default_factory=Path)
@@ -123,4 +136,12 @@ def read_meta(step_dir: str | Path) -> CheckpointMeta:
         raise CheckpointError(header + ":\n  " + "\n  ".join(lines)) from None
 
 
-__all__ = ["FORMAT_VERSION", "CheckpointMeta", "DataLayout", "DataPosition", "TableMeta", "read_meta"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointMeta",
+    "DataLayout",
+    "DataPosition",
+    "FileDigest",
+    "TableMeta",
+    "read_meta",
+]

@@ -5,41 +5,41 @@ Example::
 
     state = sparse_state(model.fused_optimizer, table_optimizer, "rowwise_adagrad")  # to save
     targets = sparse_targets(meta, metadata, fused_state, table_state, "rowwise_adagrad", plan, dims)
-    dcp.load({..., "optim": {"sparse": targets.state}}, planner=BoxLoadPlanner(targets.boxes), ...)
-    targets.fill()   # row-wise state: each local piece from the saved column shards' rows
+    dcp.load({..., "optim": {"sparse": targets.state}}, ...)   # point-wise state
+    targets.fill(SavedRows(step_dir, metadata))   # row-wise state, block by block from the files
 
 Point-wise state (adagrad) has the table's shape, so DCP reshards it like the weights. Row-wise
 state (rowwise_adagrad's ``momentum1``) has one value per row *per column shard*: ``[rows * n]``
 with column shard j (by column offset) at ``[j*rows, (j+1)*rows)``, as TorchRec stores it;
 meta.json keeps the shards' column ranges. A row's value for a column range is the width-weighted
 mean of the saved shards' values over that range: exact when shards merge (a shard accumulates
-mean(g^2) over its columns), the best estimate when one splits.
+mean(g^2) over its columns), the best estimate when one splits. :meth:`SparseTargets.fill` reads
+the saved rows one stored chunk at a time (``chunks.SavedRows``) and accumulates them into the
+local pieces: no saved shard is held whole.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorStorageMetadata,
-)
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from towerrec.trainer.checkpoint.chunks import SavedRows
 from towerrec.trainer.checkpoint.layout import CheckpointError
 from towerrec.trainer.checkpoint.meta import CheckpointMeta
 from towerrec.trainer.optimizers import TORCH_STATE_NAMES
 
-# Saved pieces of a row-wise state by key and offsets, and local pieces made of them.
-Boxes = dict[str, dict[tuple[int, ...], torch.Tensor]]
-Fill = tuple[torch.Tensor, list[tuple[torch.Tensor, float]]]
+
+@dataclass
+class RowwiseFill:
+    """One local piece of a row-wise state: ``target`` <- the width-weighted sum of the saved
+    ranges ``[start, start + target.numel())`` of ``fqn``, one ``(start, weight)`` per term."""
+
+    fqn: str
+    target: torch.Tensor
+    terms: list[tuple[int, float]]
 
 
 def table_placements(plan: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -83,19 +83,25 @@ def sparse_state(fused_optimizer: Any, table_optimizer: Any | None, kind: str) -
 @dataclass
 class SparseTargets:
     """Where the saved table optimizer state goes in this placement: ``state``, point-wise state
-    as ordinary DCP targets; ``boxes``, the saved column shards' rows each local row-wise piece
-    needs (read by :class:`BoxLoadPlanner`); ``fills``, local piece <- width-weighted sum of boxes."""
+    as ordinary DCP targets; ``fills``, the row-wise pieces :meth:`fill` reads from the files."""
 
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
-    boxes: Boxes = field(default_factory=dict)
-    fills: list[Fill] = field(default_factory=list)
+    fills: list[RowwiseFill] = field(default_factory=list)
 
-    def fill(self) -> None:
-        """Write the loaded boxes into the local row-wise pieces; after ``dcp.load``."""
-        for target, terms in self.fills:
-            target.copy_(
-                terms[0][0] if len(terms) == 1 and terms[0][1] == 1.0 else sum(w * box for box, w in terms)
-            )
+    def fill(self, saved: SavedRows) -> None:
+        """Read the row-wise pieces, one stored chunk at a time; after or instead of ``dcp.load``."""
+        for piece in self.fills:
+            n = piece.target.numel()
+            copy = len(piece.terms) == 1 and piece.terms[0][1] == 1.0
+            if not copy:
+                piece.target.zero_()
+            for start, weight in piece.terms:
+                for first, rows in saved.iter_rows(piece.fqn, start, start + n):
+                    where = piece.target.narrow(0, first - start, rows.numel())
+                    if copy:
+                        where.copy_(rows)
+                    else:  # w * box rounded, then summed: the mean of the saved shards
+                        where.add_(rows.mul_(weight))
 
 
 def sparse_targets(
@@ -146,38 +152,8 @@ def sparse_targets(
             terms = []
             for j, (o, d) in enumerate(old_groups):
                 overlap = min(c0 + width, o + d) - max(c0, o)
-                if overlap <= 0:
-                    continue
-                start = j * rows + first_row if len(old_groups) > 1 else first_row
-                box = out.boxes.setdefault(fqn, {}).setdefault((start,), torch.empty(tensor.numel()))
-                terms.append((box, overlap / width))
-            out.fills.append((tensor, terms))
+                if overlap > 0:
+                    start = j * rows + first_row if len(old_groups) > 1 else first_row
+                    terms.append((start, overlap / width))
+            out.fills.append(RowwiseFill(fqn, tensor, terms))
     return out
-
-
-class BoxLoadPlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that also fills ``boxes``: pieces of saved tensors, by key and offsets,
-    that are no tensor of this process's state dict (the rows of column shard j of a row-wise
-    state written under another plan). DCP's own resharding computes the reads."""
-
-    def __init__(self, boxes: Boxes) -> None:
-        super().__init__()
-        self.boxes = boxes
-
-    def create_local_plan(self) -> LoadPlan:
-        plan = super().create_local_plan()
-        items = list(plan.items)
-        assert self.metadata is not None
-        for fqn, pieces in self.boxes.items():
-            md = self.metadata.state_dict_metadata[fqn]
-            assert isinstance(md, TensorStorageMetadata)
-            chunks = [ChunkStorageMetadata(torch.Size(o), t.size()) for o, t in pieces.items()]
-            items += create_read_items_for_chunk_list(fqn, md, chunks)
-        return dataclasses.replace(plan, items=items)
-
-    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        pieces = self.boxes.get(index.fqn)
-        if pieces is not None:
-            assert index.offset is not None
-            return pieces[tuple(index.offset)]
-        return super().lookup_tensor(index)

@@ -96,7 +96,8 @@ def rank_state(
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run continues: global ``step``; batch ``batch`` of epoch ``epoch``."""
+    """Where a resumed run continues: global ``step``; batch ``batch`` of epoch ``epoch``.
+    ``eval_pending``: the evaluation due at ``step`` was interrupted (a preemption); run it first."""
 
     step: int
     epoch: int
@@ -104,6 +105,7 @@ class ResumePoint:
     eval_metrics: dict[str, Any]
     exact: bool
     checkpoint: Path
+    eval_pending: bool = False
 
 
 def resume_point(meta: CheckpointMeta, layout: DataLayout, world_size: int, log: bool) -> ResumePoint:
@@ -148,4 +150,4 @@ def resume_point(meta: CheckpointMeta, layout: DataLayout, world_size: int, log:
             )
     # At an epoch boundary nothing needs mapping: the position is exact whatever the layout.
     exact = exact or meta.batch_in_epoch == 0
-    return ResumePoint(meta.step, epoch, batch, meta.eval_metrics, exact, meta.path)
+    return ResumePoint(meta.step, epoch, batch, meta.eval_metrics, exact, meta.path, meta.eval_pending)
