@@ -89,18 +89,31 @@ class Heartbeat:
             self._stopped.wait(BEAT_S)
 
     def stop(self) -> None:
-        """No more beats once this returns."""
+        """No more beats once this returns (or, with the store's host stopped, none that arrive)."""
         self._stopped.set()
-        self._thread.join(timeout=STORE_TIMEOUT_S)
+        self._thread.join(timeout=BEAT_S + 1)
 
     def _counts(self) -> list[int]:
-        try:
-            return [self.store.add(str(r), 0) for r in range(self.world_size)]
-        except Exception as e:  # noqa: BLE001 - DistStoreError, or a timeout as RuntimeError
+        """Every rank's count, read in a thread of its own: a store whose host is stopped never
+        answers (the connection stays open), whatever the client's timeout says."""
+        answer: list[list[int] | BaseException] = []
+
+        def read() -> None:
+            try:
+                answer.append([self.store.add(str(r), 0) for r in range(self.world_size)])
+            except Exception as e:  # noqa: BLE001 - DistStoreError, or a timeout as RuntimeError
+                answer.append(e)
+
+        reader = threading.Thread(target=read, name="towerrec-heartbeat-read", daemon=True)
+        reader.start()
+        reader.join(STORE_TIMEOUT_S)
+        if not answer or isinstance(answer[0], BaseException):
+            why = type(answer[0]).__name__ if answer else f"no answer in {STORE_TIMEOUT_S:.0f} s"
             raise StoreUnreachable(
-                f"the job's store at {self.address} does not answer ({type(e).__name__}); under "
-                "torchrun it lives in rank 0, which is then the rank not responding"
-            ) from None
+                f"the job's store at {self.address} does not answer ({why}); under torchrun it "
+                "lives in rank 0, which is then the rank not responding"
+            )
+        return answer[0]
 
     def silent_ranks(self, window_s: float = WINDOW_S) -> list[int]:
         """The other ranks that did not beat during the next ``window_s`` seconds.
