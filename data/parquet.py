@@ -51,6 +51,7 @@ group, column, row within the file, the value and what was expected.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import itertools
@@ -689,7 +690,7 @@ def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: 
         # model's random stream (dropout) then depends only on the steps taken, which a resumed
         # run restores exactly. The batches use no worker RNG (their shuffles are seeded).
         generator=torch.Generator().manual_seed(dataset.seed),
-        worker_init_fn=functools.partial(_init_worker, os.getpid()),
+        worker_init_fn=functools.partial(_init_worker, os.getpid(), _handles_sigterm()),
         multiprocessing_context=_worker_context() if num_workers > 0 else None,
     )
     return BatchLoader(loader)
@@ -705,8 +706,26 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _init_worker(rank_pid: int, worker_id: int) -> None:
-    _ignore_sigterm(worker_id)
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _kill_leftover_workers() -> None:
+    """SIGKILL workers still alive at exit (a loader abandoned mid-epoch): multiprocessing's exit
+    handler SIGTERMs daemonic children and joins them, and a worker that ignores SIGTERM would
+    keep the process from ever exiting."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+def _handles_sigterm() -> bool:
+    """True when this process handles SIGTERM itself (the trainer's preemption handler)."""
+    return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+
+
+def _init_worker(rank_pid: int, leave_sigterm_to_rank: bool, worker_id: int) -> None:
+    # Only under a rank that handles SIGTERM: elsewhere (tests, tools) multiprocessing's exit
+    # handler SIGTERMs leftover workers and then joins them, which would wait forever.
+    if leave_sigterm_to_rank:
+        _ignore_sigterm(worker_id)
     threading.Thread(target=_exit_with, args=(rank_pid,), name="exit-with-rank", daemon=True).start()
 
 
