@@ -707,13 +707,18 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 @atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
-def _kill_leftover_workers() -> None:
-    """SIGKILL workers still alive at exit (a loader abandoned mid-epoch): multiprocessing's exit
-    handler SIGTERMs daemonic children and joins them, and a worker that ignores SIGTERM would
-    keep the process from ever exiting."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+def end_workers() -> None:
+    """SIGKILL the DataLoader workers still alive (a loader abandoned mid-epoch, a rank leaving on
+    an error or a signal). Under a rank they ignore SIGTERM, and multiprocessing's exit handler
+    SIGTERMs daemonic children and then joins them: the process would never exit (or, under
+    torchrun, wait for its SIGKILL 30 s later). The DataLoader's SIGCHLD handler, which raises for
+    a killed worker, is reset first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join(timeout=5)
 
 
 def _handles_sigterm() -> bool:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
-import signal
 import sys
 
 import torch.distributed as dist
-from towerrec.data.parquet import DataError
+from towerrec.data.parquet import DataError, end_workers
 from towerrec.trainer.checkpoint import CheckpointError
 from towerrec.trainer.config import ConfigError, add_config_arguments, load_config, validate_data
 from towerrec.trainer.distributed import RankFailure, describe_error, init_distributed
@@ -74,24 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if beat is not None:
             beat.stop()
-        _end_data_workers()
+        end_workers()  # before the group goes: they hold no collective, but may block exit
         dist.destroy_process_group()
     return 0
-
-
-def _end_data_workers() -> None:
-    """SIGKILL the DataLoader workers still running (a rank leaving on an error or a signal).
-
-    They ignore SIGTERM (``data.parquet``), and multiprocessing's exit handler SIGTERMs and then
-    joins them: the rank would wait until torchrun SIGKILLs it, 30 s later.
-    The DataLoader's SIGCHLD handler, which raises for a killed worker, is reset first.
-    """
-    workers = multiprocessing.active_children()
-    if workers:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in workers:
-        worker.kill()
-        worker.join(timeout=5)
 
 
 if __name__ == "__main__":
