@@ -137,6 +137,7 @@ class TreeMonitor:
         self._peaks: dict[int, ProcessPeak] = {}
         self._forked: set[int] = set()
         self._children: dict[int, int] = {}  # parent pid -> children numbered so far
+        self._owner: dict[int, ProcessPeak] = {}  # forkserver pid -> the process it serves
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -184,11 +185,17 @@ class TreeMonitor:
         command = proc.cmdline()
         parent_command = parent.command if parent is not None else []
         label = _role(command, parent_command, proc)
-        if label is None:  # a forked or spawned child of a known process
+        if label == "forkserver" and parent is not None:
+            label = f"{parent.label} / forkserver"
+        elif label is None:  # a forked or spawned child of a known process
             label = "?"
-            if parent is not None:
-                n = self._children[parent.pid] = self._children.get(parent.pid, 0) + 1
-                label = f"{parent.label} / worker {n}"
+            # A forkserver's children are its starter's workers: numbered, and named, under it.
+            owner = self._owner.get(parent.pid, parent) if parent is not None else None
+            if owner is not None:
+                n = self._children[owner.pid] = self._children.get(owner.pid, 0) + 1
+                label = f"{owner.label} / worker {n}"
+        if label.endswith(" / forkserver") and parent is not None:
+            self._owner[proc.pid] = parent
         self._forked.discard(proc.pid)
         if command == parent_command:
             self._forked.add(proc.pid)
@@ -202,6 +209,8 @@ def _role(command: list[str], parent_command: list[str], proc: psutil.Process) -
     text = " ".join(command)
     if "multiprocessing.resource_tracker" in text:
         return "resource tracker"
+    if "multiprocessing.forkserver" in text and command != parent_command:
+        return "forkserver"
     if not command or command == parent_command or "multiprocessing" in text:
         return None
     if "torch.distributed.run" in command or any(Path(w).name == "torchrun" for w in command[:2]):
