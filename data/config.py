@@ -10,7 +10,12 @@ Example::
       sparse_features:
         - {name: user_id, table: user}
         - {name: item_hist, table: item, multi_hot: true, id_mode: hash}
-      dense_features: [price, age]
+        - {name: workclass, table: workclass, id_mode: vocab, min_count: 5, on_null: default}
+        - {name: age_bucket, column: age, table: age_bucket, id_mode: bucketize, quantiles: 20}
+      dense_features:
+        - price
+        - {name: capital_gain, transforms: [log1p, standardize], on_null: default, default: 0.0}
+        - {name: hours, transforms: [clip, standardize], clip: [0.0, 80.0]}
       tasks:
         - {name: click, label: click}
         - {name: conversion, label: conversion, sample_space: click}
@@ -22,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import glob
+import math
 import os
 from typing import Annotated, Any, Literal
 
@@ -50,17 +56,134 @@ class TableConfig(StrictModel):
 
 
 class SparseFeatureConfig(StrictModel):
-    """A sparse id column. ``name`` is the Parquet column and the KeyedJaggedTensor key.
+    """A sparse feature: ids for one embedding table from one Parquet column. ``name`` is the
+    KeyedJaggedTensor key; ``column`` the Parquet column (default: ``name``), so one column can
+    feed several features (e.g. a dense input and a bucketized embedding).
 
-    ``multi_hot`` columns are ``list<int64>``; single-hot columns are ``int64``.
-    ``id_mode``: ``check`` uses ids as-is and fails on an id outside ``[0, num_embeddings)``;
-    ``hash`` maps any int64 id into the table with a fixed 64-bit mix (collisions accepted).
+    ``multi_hot`` columns are lists (``list`` or ``large_list``) of values, one bag per row;
+    single-hot columns hold one value per row. ``id_mode`` turns values into table rows
+    (``data.transforms``):
+
+    * ``check``: integer ids used as-is; an id outside ``[0, num_embeddings)`` is an error.
+    * ``hash``: integers through a fixed 64-bit mix (``data.hashing.hash_ids``), strings through
+      a fixed 64-bit hash of their UTF-8 bytes (``hash_strings``), modulo the table size
+      (collisions accepted).
+    * ``vocab``: strings or integers through a vocabulary fitted on the training files (values
+      seen at least ``min_count`` times, default 1) or read from ``vocab_file`` (one value per
+      line); entries get ids 1..V, unseen and rare values the out-of-vocabulary id 0.
+    * ``bucketize``: a numeric column to the number of ``boundaries`` ``<=`` the value, in
+      ``[0, len(boundaries)]``; ``boundaries`` explicit, or ``quantiles: Q`` fitted on the
+      training files. Single-hot only.
+
+    ``on_null``: ``error`` (a null value, list or list element is a DataError), ``default`` (it
+    becomes ``default_id``, a table row; a null list becomes the bag ``[default_id]``) or ``empty``
+    (a null row becomes an empty bag; null list elements are dropped).
+
+    Example::
+
+        {name: workclass, table: workclass, id_mode: vocab, min_count: 5, on_null: default}
     """
 
     name: str
     table: str
+    column: str | None = None
     multi_hot: bool = False
-    id_mode: Literal["check", "hash"] = "check"
+    id_mode: Literal["check", "hash", "vocab", "bucketize"] = "check"
+    min_count: Annotated[int, Field(ge=1)] | None = None
+    vocab_file: str | None = None
+    boundaries: Annotated[list[float], Field(min_length=1)] | None = None
+    quantiles: Annotated[int, Field(ge=2)] | None = None
+    on_null: Literal["error", "default", "empty"] = "error"
+    default_id: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _fields_fit_the_mode(self) -> "SparseFeatureConfig":
+        where = f"sparse feature {self.name!r}"
+        for field, mode in _SPARSE_MODE_FIELDS.items():
+            if getattr(self, field) is not None and self.id_mode != mode:
+                raise ValueError(f"{where}: {field} applies to id_mode: {mode}, not {self.id_mode}")
+        if self.min_count is not None and self.vocab_file is not None:
+            raise ValueError(f"{where}: min_count applies to a fitted vocabulary, not to vocab_file")
+        if self.id_mode == "bucketize":
+            if (self.boundaries is None) == (self.quantiles is None):
+                raise ValueError(f"{where}: id_mode: bucketize needs exactly one of boundaries, quantiles")
+            if self.multi_hot:
+                raise ValueError(f"{where}: id_mode: bucketize is single-hot only (multi_hot: false)")
+        if self.boundaries is not None:
+            b = self.boundaries
+            if not all(math.isfinite(x) for x in b) or b != sorted(set(b)):
+                raise ValueError(f"{where}: boundaries {b} must be finite and strictly increasing")
+        # Compared with the default, not "was it given": a dumped config must validate again.
+        if self.default_id != 0 and self.on_null != "default":
+            raise ValueError(f"{where}: default_id applies to on_null: default, not {self.on_null}")
+        return self
+
+    @property
+    def parquet_column(self) -> str:
+        """The Parquet column the feature reads."""
+        return self.column if self.column is not None else self.name
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the feature uses statistics of the training files (``data.features``)."""
+        return self.id_mode == "vocab" or self.quantiles is not None
+
+
+# The fields that only one id_mode reads: giving one for another mode is a config error.
+_SPARSE_MODE_FIELDS = {
+    "min_count": "vocab",
+    "vocab_file": "vocab",
+    "boundaries": "bucketize",
+    "quantiles": "bucketize",
+}
+
+
+class DenseFeatureConfig(StrictModel):
+    """A dense input from a numeric Parquet column ``column`` (default: ``name``).
+
+    ``transforms`` apply in the listed order: ``log1p`` (a value ``<= -1`` is a DataError; clip
+    first), ``clip`` to ``clip: [lo, hi]`` (either may be null: unbounded), ``standardize`` with
+    the mean and std fitted on the training files over the values as they reach that step (std 0
+    counts as 1). ``on_null``: ``error``, or ``default``: a null becomes ``default``, a value in
+    transformed space (it is not transformed). NaN passes through every transform unchanged.
+
+    Example::
+
+        {name: capital_gain, transforms: [log1p, standardize], on_null: default, default: 0.0}
+    """
+
+    name: str
+    column: str | None = None
+    transforms: list[Literal["log1p", "clip", "standardize"]] = []
+    clip: Annotated[list[float | None], Field(min_length=2, max_length=2)] | None = None
+    on_null: Literal["error", "default"] = "error"
+    default: float = 0.0
+
+    @model_validator(mode="after")
+    def _fields_fit_the_transforms(self) -> "DenseFeatureConfig":
+        where = f"dense feature {self.name!r}"
+        _require_unique(f"{where}: transforms", list(self.transforms))
+        if ("clip" in self.transforms) != (self.clip is not None):
+            raise ValueError(f"{where}: clip: [lo, hi] is required exactly when transforms has clip")
+        if self.clip is not None:
+            lo, hi = self.clip
+            if (lo is not None and math.isnan(lo)) or (hi is not None and math.isnan(hi)):
+                raise ValueError(f"{where}: clip {self.clip} has NaN")
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"{where}: clip {self.clip} has lo > hi")
+        if self.default != 0.0 and self.on_null != "default":
+            raise ValueError(f"{where}: default applies to on_null: default, not {self.on_null}")
+        return self
+
+    @property
+    def parquet_column(self) -> str:
+        """The Parquet column the feature reads."""
+        return self.column if self.column is not None else self.name
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the feature uses statistics of the training files (``data.features``)."""
+        return "standardize" in self.transforms
 
 
 class TaskConfig(StrictModel):
@@ -113,7 +236,7 @@ class DataConfig(StrictModel):
     eval: PathList
     tables: Annotated[list[TableConfig], Field(min_length=1)]
     sparse_features: Annotated[list[SparseFeatureConfig], Field(min_length=1)]
-    dense_features: list[str] = []
+    dense_features: list[str | DenseFeatureConfig] = []
     tasks: Annotated[list[TaskConfig], Field(min_length=1)]
     cross: CrossConfig | None = None
 
@@ -134,6 +257,8 @@ class DataConfig(StrictModel):
                     f"data.sparse_features[{i}].table: unknown table {feature.table!r} "
                     f"for feature {feature.name!r}; declared tables: {sorted(tables)}"
                 )
+            self._check_table_rows(i, feature)
+        self._check_dense_names()
         used = {f.table for f in self.sparse_features}
         if self.cross is not None:
             self._check_cross(self.cross, tables)
@@ -154,6 +279,37 @@ class DataConfig(StrictModel):
                     f"task; tasks: {task_names}"
                 )
         return self
+
+    def _check_table_rows(self, i: int, feature: SparseFeatureConfig) -> None:
+        """The rows a feature's config alone implies must exist in its table."""
+        size = self.table(feature.table).num_embeddings
+        key = f"data.sparse_features[{i}] ({feature.name!r})"
+        if feature.on_null == "default" and feature.default_id >= size:
+            raise ValueError(
+                f"{key}: default_id {feature.default_id} is not a row of table {feature.table!r} "
+                f"(num_embeddings={size})"
+            )
+        if feature.boundaries is not None and len(feature.boundaries) + 1 > size:
+            raise ValueError(
+                f"{key}: {len(feature.boundaries)} boundaries make {len(feature.boundaries) + 1} buckets; "
+                f"table {feature.table!r} has num_embeddings={size}"
+            )
+        if feature.id_mode == "vocab" and size < 2:
+            raise ValueError(
+                f"{key}: id_mode: vocab needs num_embeddings >= 2 (row 0 is the out-of-vocabulary id); "
+                f"table {feature.table!r} has {size}"
+            )
+
+    def _check_dense_names(self) -> None:
+        _require_unique("data.dense_features", self.dense_feature_names)
+        # data.features keys fitted statistics by feature name.
+        fitted_sparse = {f.name for f in self.sparse_features if f.needs_fit}
+        clash = sorted(fitted_sparse & {f.name for f in self.dense_feature_configs if f.needs_fit})
+        if clash:
+            raise ValueError(
+                f"data: features {clash} are both a fitted sparse and a standardized dense feature; "
+                "rename one (their fitted statistics are stored by name)"
+            )
 
     def _check_cross(self, cross: CrossConfig, tables: set[str]) -> None:
         features = {f.name: f for f in self.sparse_features}
@@ -204,13 +360,24 @@ class DataConfig(StrictModel):
         return [f.name for f in self.sparse_features if f.table == table]
 
     @property
+    def dense_feature_configs(self) -> list[DenseFeatureConfig]:
+        """The dense features, a plain column name read as ``{name: column}``."""
+        return [DenseFeatureConfig(name=f) if isinstance(f, str) else f for f in self.dense_features]
+
+    @property
+    def dense_feature_names(self) -> list[str]:
+        """The dense features' names, in the order of the model's dense input."""
+        return [f if isinstance(f, str) else f.name for f in self.dense_features]
+
+    @property
     def label_columns(self) -> list[str]:
         return [t.label for t in self.tasks]
 
     @property
     def columns(self) -> list[str]:
         """Every Parquet column the loader reads, in a fixed order."""
-        names = [f.name for f in self.sparse_features] + list(self.dense_features)
+        names = [f.parquet_column for f in self.sparse_features]
+        names += [f.parquet_column for f in self.dense_feature_configs]
         return list(dict.fromkeys(names + self.label_columns))
 
 
@@ -247,7 +414,7 @@ def ready_training_section() -> dict[str, Any]:
         "batch_size": 1024,
         "epochs": 1,
         "seed": 0,
-        "num_workers": 1,
+        "num_workers": 0,
         "shuffle_buffer": 0,
         "eval_interval": 0,
         "log_interval": 50,

@@ -59,3 +59,52 @@ def hash_pairs(first: np.ndarray, second: np.ndarray, num_buckets: int, function
 def unit_uniform(x: np.ndarray) -> np.ndarray:
     """The top 53 bits of ``mix64(x)`` as float64 in ``[0, 1)``."""
     return (mix64(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# Salt of the string hash, so that a string's hash is unrelated to hash_ids of any integer.
+_STRING_SALT = np.uint64(0x5F3759DF2C1B3C6D)
+# _LOW_BYTES[k]: the mask of the low k bytes of a 64-bit word.
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], np.uint64)
+
+
+def hash_strings(offsets: np.ndarray, data: np.ndarray | bytes) -> np.ndarray:
+    """A fixed 64-bit hash of each byte string ``data[offsets[i]:offsets[i+1]]`` (Arrow's
+    string/binary layout; ``offsets`` int32 or int64, absolute in ``data``); returns uint64.
+
+    Definition (byte order fixed, so the same on every machine): with ``n`` the string's length
+    and ``w_0 .. w_{m-1}`` its bytes read as little-endian 64-bit words (the last one padded with
+    zero bytes), ``h = mix64(n ^ SALT)``, then ``h = mix64(h ^ w_k)`` for each word in turn.
+    Vectorised over all strings at once: one pass per 8-byte word of the longest string, over
+    the strings that are that long.
+
+    Example::
+
+        a = pa.array(["Private", "Self-emp"])
+        offsets = np.frombuffer(a.buffers()[1], np.int32)[: len(a) + 1]
+        hash_strings(offsets, np.frombuffer(a.buffers()[2], np.uint8))  # two uint64
+    """
+    offsets = np.asarray(offsets, np.int64)
+    if len(offsets) < 2:
+        return np.zeros(0, np.uint64)
+    raw = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data, np.uint8)
+    begin, end = int(offsets[0]), int(offsets[-1])  # a slice of an array uses part of the buffer
+    starts, lengths = offsets[:-1] - begin, np.diff(offsets)
+    # 8 zero bytes after the last string make every 8-byte read in bounds.
+    padded = np.zeros(end - begin + 8, np.uint8)
+    padded[: end - begin] = raw[begin:end]
+    end -= begin
+    # Every byte position as the start of a (possibly unaligned) little-endian 64-bit word.
+    words = np.ndarray((end + 1,), np.dtype("<u8"), padded, 0, (1,))
+    h = mix64(lengths.view(np.uint64) ^ _STRING_SALT)
+    if len(lengths) and lengths.min() > 0:  # the usual first word: every row, no gather
+        h = mix64(h ^ (words[starts] & _LOW_BYTES[np.minimum(lengths, 8)]))
+        k, rows = 1, np.flatnonzero(lengths > 8)
+    else:
+        k, rows = 0, np.flatnonzero(lengths > 0)
+    while len(rows):
+        remaining = lengths[rows] - 8 * k
+        word = words[starts[rows] + 8 * k] & _LOW_BYTES[np.minimum(remaining, 8)]
+        h[rows] = mix64(h[rows] ^ word)
+        rows = rows[remaining > 8]
+        k += 1
+    return h

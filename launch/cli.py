@@ -19,12 +19,12 @@ import sys
 from types import ModuleType
 from typing import Optional, Sequence
 
-from towerrec.launch.commands import data, evaluate, export, importance, plan, predict, train
+from towerrec.launch.commands import data, evaluate, export, importance, init, plan, predict, train
 from towerrec.launch.commands.common import Formatter, require_subcommand
 from towerrec.trainer.quiet import silence_known_warnings
 
 # The subcommands, in the order `towerrec --help` lists them.
-COMMANDS: tuple[ModuleType, ...] = (data, train, export, predict, evaluate, importance, plan)
+COMMANDS: tuple[ModuleType, ...] = (data, init, train, export, predict, evaluate, importance, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

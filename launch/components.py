@@ -118,7 +118,8 @@ def train(
         shutdown_timeout: seconds torchrun waits for the ranks after it forwards the job's SIGTERM
             to them, before it SIGKILLs them; keep it above ``checkpoint.preemption_grace_s`` so a
             preempted job finishes its checkpoint (after a rank fails, torchrun waits 30 s)
-        env: extra environment variables for every node, e.g. LOGLEVEL=INFO,OMP_NUM_THREADS=4
+        env: extra environment variables for every node, e.g. LOGLEVEL=INFO,NCCL_DEBUG=INFO
+            (threads per rank: the config's training.threads, not OMP_NUM_THREADS)
         name: job name
     """
     # Written as an AppDef rather than via torchx.components.dist.ddp (whose command this mirrors:
@@ -167,6 +168,11 @@ def train(
         # ranks ("connectFullMesh failed ... Connection refused") and barrier counts already
         # past (a silent hang). pytorch/pytorch#135712.
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        # Each rank sizes its threads itself from training.threads (the cores it may use, its
+        # node's ranks, its loader workers) before it builds anything. torchrun defaults this to 1
+        # for several ranks only, and says so; set for any count, every rank and the processes it
+        # starts (loader workers, which inherit it) begin alike, at one thread per library pool.
+        "OMP_NUM_THREADS": "1",
     }
     role_env.update(env or {})
 

@@ -23,6 +23,7 @@ from towerrec.modules.config import ModelConfig, reads_cross
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+StepWindow = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)]  # [start, end]
 
 
 class ConfigError(ValueError):
@@ -146,9 +147,18 @@ class TrainingConfig(StrictModel):
     it when stderr is a terminal, ``true``/``false`` (or ``on``/``off``) force it.
     ``lr_schedule``: warmup and decay of both optimizers' lrs (:class:`LRScheduleConfig`);
     ``grad_clip``: clipping by norm (:class:`GradClipConfig`; not the sharded tables).
+    ``num_workers``: DataLoader worker processes per rank; 0 (the default, the fastest setting in
+    ``python -m benchmarks.loader``) reads in the rank, threads decoding the next chunk meanwhile.
     ``nonfinite``: what a non-finite loss or dense gradient does (``trainer.nonfinite``): ``stop``
     every rank with a message naming the step, the tasks and the batch's rows, or ``skip`` the
     step (no update) and go on; more than ``nonfinite_max_skips`` skipped steps in the run stop it.
+    ``threads``: torch intra-op threads per rank; ``auto`` fits each rank and its loader workers
+    to the cores it may use: ``max(1, cores // local ranks - num_workers)``, logged at start
+    (``trainer.distributed.size_threads``); an integer is used as given, with a warning when
+    ``local ranks x (threads + num_workers)`` exceeds the cores. It replaces ``OMP_NUM_THREADS``.
+    ``profile_steps``: ``[start, end]`` runs the global steps ``start+1 .. end`` under
+    ``torch.profiler`` and writes ``RUN_DIR/profile/rank{r}.json`` (``trainer.profiling``); off
+    by default.
     """
 
     batch_size: PositiveInt = 512
@@ -159,7 +169,7 @@ class TrainingConfig(StrictModel):
     dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
     eval_interval: Annotated[int, Field(ge=0)] = 0
     log_interval: PositiveInt = 50
-    num_workers: Annotated[int, Field(ge=0)] = 1
+    num_workers: Annotated[int, Field(ge=0)] = 0
     shuffle_buffer: Annotated[int, Field(ge=0)] = 0
     collective_timeout_s: PositiveInt = 600
     progress_bar: Literal["auto"] | bool = "auto"
@@ -168,6 +178,15 @@ class TrainingConfig(StrictModel):
     early_stopping: EarlyStoppingConfig | None = None
     nonfinite: Literal["stop", "skip"] = "stop"
     nonfinite_max_skips: Annotated[int, Field(ge=0)] = 10
+    threads: Literal["auto"] | PositiveInt = "auto"
+    profile_steps: StepWindow | None = None
+
+    @model_validator(mode="after")
+    def _profile_window(self) -> "TrainingConfig":
+        if self.profile_steps is not None and self.profile_steps[0] >= self.profile_steps[1]:
+            start, end = self.profile_steps
+            raise ValueError(f"profile_steps: [{start}, {end}]; expected [start, end] with start < end")
+        return self
 
 
 class TableConstraint(StrictModel):

@@ -30,7 +30,7 @@ from towerrec.data.config import resolve_paths
 from towerrec.data.parquet import ParquetDataset, make_dataloader
 from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
 from towerrec.trainer.config import ConfigError, ExperimentConfig, load_config
-from towerrec.trainer.distributed import DistEnv
+from towerrec.trainer.distributed import DistEnv, set_threads, size_threads
 from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import TrainModule, build_train_module
 
@@ -95,6 +95,8 @@ class RunEvaluator:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = load_run_config(run_dir)
+        # One process and its loader workers on this machine's cores, sized as training sizes a rank.
+        set_threads(size_threads(self.config.training.threads, 1, num_workers), announce=False)
         self.module: TrainModule = build_train_module(self.config, torch.device("cpu"))
         step_dir, self.chosen = choose_checkpoint(run_dir, step)  # chosen: best, latest or --step
         # By step: `latest` and `best` may move meanwhile.

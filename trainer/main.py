@@ -20,7 +20,13 @@ import torch.distributed as dist
 from towerrec.data.parquet import DataError, end_workers
 from towerrec.trainer.checkpoint import CheckpointError
 from towerrec.trainer.config import ConfigError, add_config_arguments, load_config, validate_data
-from towerrec.trainer.distributed import RankFailure, describe_error, init_distributed
+from towerrec.trainer.distributed import (
+    RankFailure,
+    describe_error,
+    init_distributed,
+    set_threads,
+    size_threads,
+)
 from towerrec.trainer.heartbeat import Heartbeat, describe_collective_failure, is_collective_failure
 from towerrec.trainer.planning.plan_file import PlanFileError
 from towerrec.trainer.planning.planner import PlanningError
@@ -54,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = init_distributed(config.training.collective_timeout_s)
+    # Before any model is built: torch sizes its pools at first use; torchrun's OMP_NUM_THREADS=1
+    # (several ranks) or none (one rank: every core, beside the loader's workers) is replaced.
+    training = config.training
+    set_threads(size_threads(training.threads, env.local_world_size, training.num_workers), env.is_main)
     beat = Heartbeat.start(env)  # names the rank that stops responding when a collective fails
     try:
         train(config, env)

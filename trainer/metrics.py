@@ -13,6 +13,9 @@ labels' mean (normalised entropy, lower is better, 1 = predicting the base rate)
 
 Each task is weighted by its example weights (row weight times the task's sample-space mask),
 so padding rows and rows outside a task's sample space do not count.
+
+Every state lives on the rank's device (``env.device``): an update only queues device work, with
+no copy to the host and no wait for the batch's forward; :meth:`TaskMetrics.compute` reads them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class TaskMetrics:
     """Exact metrics over up to ``max_examples`` examples per task, gathered over all ranks.
 
     AUC needs every prediction, so its window is sized to the evaluation set
-    (``max_examples`` across ranks); NE and logloss keep running sums.
+    (``max_examples`` across ranks) and kept on the device; NE and logloss keep running sums.
     """
 
     def __init__(self, tasks: list[str], env: DistEnv, batch_size: int, max_examples: int) -> None:
@@ -48,11 +51,12 @@ class TaskMetrics:
             process_group=env.cpu_group,
             compute_on_all_ranks=True,  # every rank logs and returns the same numbers
         )
-        self._auc = AUCMetric(**common)
-        self._ne = NEMetric(**common, include_logloss=True)
+        self.device = env.device
+        self._auc = AUCMetric(**common).to(self.device)
+        self._ne = NEMetric(**common, include_logloss=True).to(self.device)
         self._group = env.cpu_group
         # Weighted example and positive counts per task, so a report shows what it was computed on.
-        self._counts = torch.zeros(len(tasks), 2, dtype=torch.float64)
+        self._counts = torch.zeros(len(tasks), 2, dtype=torch.float64, device=self.device)
 
     def update(
         self,
@@ -68,21 +72,25 @@ class TaskMetrics:
         labels: dict[str, torch.Tensor],
         weights: dict[str, torch.Tensor],
     ) -> None:
-        """:meth:`update` for a model that outputs probabilities (an exported artifact)."""
-        predictions = {t: predictions[t].float().cpu() for t in self.tasks}
-        labels = {t: labels[t].float().cpu() for t in self.tasks}
-        weights = {t: weights[t].float().cpu() for t in self.tasks}
+        """:meth:`update` for a model that outputs probabilities (an exported artifact). Inputs
+        elsewhere than the metrics' device are copied there (no copy when already there)."""
+        predictions = {t: self._here(predictions[t]) for t in self.tasks}
+        labels = {t: self._here(labels[t]) for t in self.tasks}
+        weights = {t: self._here(weights[t]) for t in self.tasks}
         for metric in (self._auc, self._ne):
             metric.update(predictions=predictions, labels=labels, weights=weights)
-        for i, t in enumerate(self.tasks):
-            self._counts[i, 0] += weights[t].double().sum()
-            self._counts[i, 1] += (weights[t] * labels[t]).double().sum()
+        w = torch.stack([weights[t].double().sum() for t in self.tasks])
+        positives = torch.stack([(weights[t] * labels[t]).double().sum() for t in self.tasks])
+        self._counts += torch.stack([w, positives], dim=1)
+
+    def _here(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(self.device, torch.float32, non_blocking=True)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """Collective: every rank must call it. Returns ``{task: {auc, ne, logloss, examples,
         positives}}`` (examples and positives: weighted counts over all ranks)."""
         values = {**self._auc.compute(), **self._ne.compute()}
-        counts = self._counts.clone()
+        counts = self._counts.to("cpu", copy=True)  # the all-reduce below sums in place, on gloo
         if dist.is_initialized():
             dist.all_reduce(counts, group=self._group)
         result: dict[str, dict[str, float]] = {}

@@ -42,6 +42,7 @@ from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig, resolve_paths
 from towerrec.data.files import atomic_output
 from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader
+from towerrec.trainer.distributed import set_threads, size_threads
 
 SCHEMA_FILE = "towerrec_schema.json"  # the artifact's schema, a TorchScript extra file
 PREFIX = "p_"  # output column of task t: p_<t>
@@ -210,7 +211,8 @@ def _predict_rank(model: str, files: list[str], out_dir: str, rank: int, world_s
     from towerrec.trainer.quiet import silence_known_warnings
 
     silence_known_warnings()  # a fresh (spawned) process: the parent's filters do not carry over
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # The processes of this machine share its cores as training's ranks do (one way to size them).
+    set_threads(size_threads("auto", world_size, kw.get("num_workers", 0)), announce=False)
     return predict(model, files, out_dir, rank, world_size, **kw)[1]
 
 

@@ -9,9 +9,11 @@ SIGTERM it gets to every rank, waits ``--shutdown_timeout`` seconds (default 30,
 between the signal and a complete checkpoint; keep it below all of those.
 
 How the ranks agree: the handler only records the signal. Every rank answers "stop requested?"
-in the all-reduce that ``distributed.lockstep`` already runs before each batch (training and
-evaluation), so the first batch at which any rank has been signalled ends the iteration on every
-rank: they all stop after the same step, without a collective of their own. The trainer then
+in the all-reduce that ``distributed.lockstep`` already runs for each batch (training and
+evaluation). That all-reduce is in flight while the step before runs and is decided one batch
+later, on every rank at the same batch: they all stop after the same step, within two steps of
+the signal, without a collective of their own (and, between two training stretches, one blocking
+all-reduce stops before training on after a signal during a save or an evaluation). The trainer then
 saves (``checkpoint.resume: auto`` resumes it with no step lost; a stop during an evaluation
 saves the step it evaluates with the evaluation marked pending, which the resumed run runs first;
 during a save, that save completes), and the rank exits with :data:`PREEMPTED_EXIT`.

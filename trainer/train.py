@@ -42,6 +42,7 @@ from towerrec.trainer.optimizers import (
 )
 from towerrec.trainer.planning.plan_file import plan_to_dict
 from towerrec.trainer.preemption import Preempted, StopRequest
+from towerrec.trainer.profiling import StepProfiler
 from towerrec.trainer.progress import TrainProgress
 from towerrec.trainer.schedules import LRSchedule, default_decay_length
 from towerrec.trainer.sharding import plan_sharding, sharders
@@ -194,6 +195,9 @@ class Trainer:
         if self.table_optimizer is not None:
             checked.update(self.table_optimizer.params)
         self.pipeline = GuardedTrainPipeline(self.model, optimizer, env.device, self.nonfinite, checked)
+        if training.profile_steps is not None:  # a window of steps under torch.profiler
+            profiler = StepProfiler(training.profile_steps, lambda: self.step, config.run_dir, env.rank)
+            profiler.attach(self.pipeline)
         # Evaluation: TorchRec's eval pipeline, whose loader thread runs lockstep's all_reduce. That
         # gets a gloo group of its own: on the group of the embedding all-to-alls (the main thread's),
         # the two threads would order their collectives differently on each rank.
@@ -333,25 +337,35 @@ class Trainer:
     ) -> int:
         """Train ``length`` steps from batch ``batch`` of ``epoch``, or fewer when every rank
         agreed to stop (``trainer.preemption``); returns the steps taken. Skipped steps
-        (``training.nonfinite: skip``) count as taken."""
+        (``training.nonfinite: skip``) count as taken.
+
+        No step waits for the device: the loss is summed on it and read at ``log_interval``,
+        lockstep's all-reduce is in flight during the step, the non-finite checks are read when
+        done. Two blocking all-reduces per stretch: a stop requested during the save or the
+        evaluation before it stops the run here, and the non-finite checks of its last steps
+        (``NonFiniteGuard.settle``) are agreed before the model is evaluated or saved.
+        """
         training = self.config.training
         samples_per_step = training.batch_size * self.env.world_size
+        if self.stop.agree(self.env.cpu_group):
+            return 0
         self.nonfinite.begin(self.step, epoch, batch)
-        window_start, window_steps, window_loss, losses = time.perf_counter(), 0, 0.0, 0
+        window_start, window_steps, losses = time.perf_counter(), 0, 0
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         done = 0
         for out in _run_phase(self.pipeline, itertools.islice(batches, length)):
             self.step += 1
             done += 1
             window_steps += 1
             if not self._record_skips(epoch):
-                window_loss += float(out.loss)
+                window_loss += out.loss.detach()
                 losses += 1
             if progress is not None:
                 progress.advance()
             if self.step % training.log_interval == 0:
                 elapsed = time.perf_counter() - window_start
                 values = {
-                    "loss": window_loss / losses if losses else None,  # None: every step skipped
+                    "loss": float(window_loss) / losses if losses else None,  # None: every step skipped
                     "samples_per_s": window_steps * samples_per_step / elapsed,
                     "task_weights": self.loss.task_weights(),  # learned by loss.weighting, or ω_k(t)
                     **self._lrs(),
@@ -365,8 +379,10 @@ class Trainer:
                         values["loss"] if losses else float("nan"),
                         values["samples_per_s"],
                     )
-                window_start, window_steps, window_loss, losses = time.perf_counter(), 0, 0.0, 0
+                window_start, window_steps, losses = time.perf_counter(), 0, 0
+                window_loss.zero_()
             self.lr_schedule.step()
+        self.nonfinite.settle()
         return done
 
     def _record_skips(self, epoch: int) -> bool:

@@ -58,6 +58,8 @@ def test_single_node_appdef():
     assert role.resource == specs.Resource(cpu=4, gpu=0, memMB=8192)
     assert role.max_retries == 0
     assert role.env["LOGLEVEL"] == "WARNING"
+    # The ranks size their threads from training.threads; torchrun must not default them apart.
+    assert role.env["OMP_NUM_THREADS"] == "1"
 
 
 def test_multi_node_appdef_uses_rank0_host_and_port():

@@ -84,3 +84,20 @@ def test_probabilities_give_the_same_metrics_as_logits_in_a_group_of_one() -> No
         )
     got, want = by_probabilities.compute()["t"], by_logits.compute()["t"]
     assert got == want and 0.7 < got["auc"] < 1.0 and got["examples"] == 3 * 64 - 20
+
+
+def test_updates_stay_on_the_device_and_only_compute_reads_them() -> None:
+    """On the meta device any read of a value (``.cpu()``, ``.item()``, ``bool()``) raises: the
+    updates of an evaluation pass queue device work only; compute() is where values are read."""
+    import pytest
+    from towerrec.trainer.distributed import DistEnv
+    from towerrec.trainer.metrics import TaskMetrics
+
+    env = DistEnv(0, 1, 0, 1, torch.device("meta"), "gloo", None)  # type: ignore[arg-type]
+    metrics = TaskMetrics(["click", "cvr"], env, batch_size=64, max_examples=3 * 64)
+    for _ in range(5):  # past the AUC window: its trimming does not read values either
+        values = torch.empty(64, device="meta")
+        batch = {"click": values, "cvr": values}
+        metrics.update(batch, batch, batch)
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        metrics.compute()

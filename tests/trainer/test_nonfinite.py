@@ -160,8 +160,13 @@ def test_a_non_finite_gradient_after_a_finite_loss_stops_or_skips_the_dense_upda
         assert guard.backward_allowed()
         parameters = _layer_with_gradient(float("inf"))
         if mode == "stop":
+            # Queued on the device, not read before the update: the run stops at the next vote
+            # or settle() (the end of the stretch), naming the step it happened at.
+            assert guard.update_allowed(parameters)
+            guard.observe(finite_loss)
+            assert guard.vote()  # read now: every later vote says yes too, until decided
             with pytest.raises(NonFiniteError) as error:
-                guard.update_allowed(parameters)
+                guard.settle()
             message = str(error.value)
             assert message.startswith("non-finite gradient at step 11 (epoch 1, batch 3) with a finite loss:")
             assert (
@@ -175,3 +180,38 @@ def test_a_non_finite_gradient_after_a_finite_loss_stops_or_skips_the_dense_upda
                 and reason.startswith("non-finite gradient at step 11")
                 and guard.skipped_steps == [11]
             )
+
+
+def test_stop_mode_names_the_first_non_finite_loss_not_the_steps_after_it() -> None:
+    """The checks are read late: by then the steps after the bad one are non-finite too (their
+    model took its update); the message names the first, with its tasks and rows."""
+    from towerrec.trainer.model import StepOutput
+    from towerrec.trainer.nonfinite import NonFiniteError
+
+    guard = _guard("stop")
+    assert not guard.synchronous and _guard("skip").synchronous  # skip blocks lockstep
+    for loss in (0.5, float("nan"), float("nan")):
+        value = torch.tensor(loss)
+        guard.observe(StepOutput(value, {"click": value, "cvr": torch.tensor(0.25)}, {}, {}, {}))
+        assert guard.backward_allowed()
+        assert guard.update_allowed(_layer_with_gradient(float("nan") if loss != loss else 1.0))
+    assert guard.vote() and guard.vote()
+    with pytest.raises(NonFiniteError) as error:
+        guard.decide(1, 1)
+    assert str(error.value).startswith(
+        "non-finite loss at step 11 (epoch 1, batch 3) on 1 of 1 ranks:\n"
+        "  rank 0: loss nan (tasks: click nan, cvr 0.25); batch rows: a.parquet rows [24, 32)\n"
+        "training.nonfinite: skip would skip such steps instead"
+    )
+
+
+def test_stop_mode_settles_quietly_when_every_step_was_finite() -> None:
+    from towerrec.trainer.model import StepOutput
+
+    guard = _guard("stop")
+    for _ in range(3):
+        guard.observe(StepOutput(torch.tensor(0.7), {"click": torch.tensor(0.7)}, {}, {}, {}))
+        assert guard.backward_allowed() and guard.update_allowed(_layer_with_gradient(1.0))
+    assert not guard.vote()
+    guard.settle()  # no error
+    assert guard.take_skips() == [] and guard.skipped_steps == []

@@ -34,18 +34,19 @@ def _sigterm_self() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _after_step(step: int) -> Callable[[Any], None]:
-    """Rank 0 gets SIGTERM right after training step ``step``."""
+def _during_forward(step: int) -> Callable[[Any], None]:
+    """Rank 0 gets SIGTERM during the forward of training step ``step``, before that step fetches
+    the batch after next (whose all-reduce then carries the stop vote)."""
 
     def hook(trainer: Any) -> None:
-        original = trainer.lr_schedule.step
+        original = trainer.nonfinite.observe
 
-        def step_then_signal() -> None:
-            original()
-            if trainer.step == step:
+        def observe_then_signal(out: Any) -> None:
+            original(out)
+            if trainer.step == step - 1:  # counted once the step is done
                 _sigterm_self()
 
-        trainer.lr_schedule.step = step_then_signal
+        trainer.nonfinite.observe = observe_then_signal
 
     return hook
 
@@ -85,7 +86,7 @@ def _during_save(step: int) -> Callable[[Any], None]:
     return hook
 
 
-SCENARIOS = {"training": _after_step(1), "evaluation": _during_evaluation(6), "save": _during_save(4)}
+SCENARIOS = {"training": _during_forward(1), "evaluation": _during_evaluation(6), "save": _during_save(4)}
 
 
 def _preempted_and_resumed(rank: int, world_size: int, config_path: str, root: str) -> dict:
@@ -137,7 +138,10 @@ def test_sigterm_during_training_evaluation_or_a_save_stops_every_rank_and_resum
         assert status == "ok", value
     # (step every rank stopped at, checkpoint latest names, its eval_pending)
     expected = {
-        "training": (3, "step-00000003", False),  # the signal after step 1, agreed 2 fetches later
+        # The signal in step 1's forward rides step 1's fetch; lockstep decides it one batch later,
+        # in step 2's fetch (its all-reduce is in flight during a step), and steps 2 and 3, already
+        # in the pipeline, still run.
+        "training": (3, "step-00000003", False),
         "evaluation": (6, "step-00000006", True),  # the evaluation at 6 is run by the resumed run
         "save": (4, "step-00000004", False),  # the save completes; no second save of step 4
     }
@@ -178,7 +182,9 @@ def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_at_one_step_and_the_ne
 ) -> None:
     """SIGTERM to every process of the job, as Slurm sends it (torchrun forwards its own to the
     ranks too, DataLoader workers leave it to their rank); rank 0 waits after step 5 until it has
-    the signal (tests/trainer/preempt_main.py), so every rank stops after step 7."""
+    the signal (tests/trainer/preempt_main.py). Its vote rides step 6's fetch, lockstep decides it
+    one batch later, in step 7's, and the two batches in the pipeline still train: every rank
+    stops after step 8."""
     run_dir, marker = tmp_path / "run", tmp_path / "at-step-5"
     overrides = [f"run_dir={run_dir}", "training.batch_size=512", "training.max_steps=12"]
     overrides += ["training.log_interval=1", "checkpoint.interval=0"]
@@ -198,18 +204,18 @@ def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_at_one_step_and_the_ne
     text = log.read_text()
     for rank in (0, 1):
         assert f"[rank {rank}] SIGTERM received: stopping every rank at the next step boundary" in text
-        assert f"[rank {rank}] preempted: stopped at step 7 on SIGTERM" in text, text[-3000:]
+        assert f"[rank {rank}] preempted: stopped at step 8 on SIGTERM" in text, text[-3000:]
         assert f"[rank {rank}] preempted:" in text and "exit status 143" in text
     checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step-00000007"
-    meta = json.loads((checkpoints / "step-00000007" / "meta.json").read_text())
-    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (7, 0, 7)
-    assert meta["data_position"]["batches_per_worker"] == [7]
+    assert (checkpoints / "latest").read_text().strip() == "step-00000008"
+    meta = json.loads((checkpoints / "step-00000008" / "meta.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (8, 0, 8)
+    assert meta["data_position"]["batches_per_worker"] == [8]
 
     log = tmp_path / "resumed.log"
     again = torchrun_job(synth_data / "config.yaml", overrides, log)
     assert again.wait(timeout=240) == 0, log.read_text()[-3000:]
-    assert "resumed from" in log.read_text() and "step 7, epoch 0, batch 7" in log.read_text()
+    assert "resumed from" in log.read_text() and "step 8, epoch 0, batch 8" in log.read_text()
     train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in train if x["phase"] == "train"] == list(range(1, 13))
     assert (checkpoints / "latest").read_text().strip() == "step-00000012"
