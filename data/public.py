@@ -16,6 +16,8 @@ original file (CSV, ``.gz`` or ``.zip``).
 Outputs: ``OUT/{train,valid,test}/part-NNNNN.parquet`` (several row groups), ``OUT/config.yaml``
 (``data.eval`` is ``valid``; the test split is for the final report only and is listed in the
 summary), ``OUT/preprocessing.json`` (vocabularies, bucket edges, means and standard deviations).
+With ``raw=True`` (``towerrec data census --raw``) the files hold the original columns instead and
+the config does the same processing through the generic transforms (see "Raw mode" below).
 
 Feature processing, everything fitted on the TRAINING rows only:
 
@@ -27,6 +29,19 @@ Feature processing, everything fitted on the TRAINING rows only:
   ``<column>_bucket``: ``0`` for the value 0, else ``1 + `` the index among up to
   ``NUM_BUCKETS`` quantile buckets of the non-zero training values (table size ``edges + 2``).
 * labels int8 0/1.
+
+Raw mode (``raw=True``): the same splits, rows, row order and files, but the input columns as they
+are in the source (categorical columns as whitespace-stripped strings, numeric ones as int64, or
+float64 when a value is not an integer) beside the same int8 labels, and no ``preprocessing.json``
+(training stores its fitted statistics in ``RUN_DIR/features.json``). ``config.yaml`` gives the
+hand conversion's processing through ``data.transforms``: a categorical column is ``id_mode:
+vocab`` (fitted on the training files: the same vocabulary, order and OOV id 0, table ``V + 1``);
+a numeric column is a dense feature with ``transforms: [log1p, standardize]`` (money columns) or
+``[standardize]``, and ``<column>_bucket`` with ``id_mode: bucketize`` and explicit ``boundaries``
+computed here: ``[5e-324] + edges``. The smallest positive double as first boundary gives the value
+0 bucket 0 and every positive value ``1 + `` its quantile bucket, exactly the hand buckets for
+non-negative columns (every numeric column of both data sets; ``quantiles: Q`` would not do: it
+fits on all values, zeros included, and has no bucket of its own for 0).
 
 Census-Income (KDD), the PLE/MMoE setup: 199,523 training rows; the 99,762 test rows split at random
 1:1 (``default_rng(seed)`` permutation; first half valid, second half test, each in file order).
@@ -260,8 +275,13 @@ def _numeric(table: pa.Table, column: str, path: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------- processing
 
 
-def _vocabulary(train: pa.ChunkedArray) -> list[str]:
-    """Training values by descending frequency, ties by value; value i gets id i + 1."""
+def vocabulary(train: pa.ChunkedArray | pa.Array) -> list[str]:
+    """Training values by descending frequency, ties by value; value i gets id i + 1.
+
+    Example::
+
+        vocabulary(pa.array(["b", "a", "b"]))  # ["b", "a"]
+    """
     counted = pc.value_counts(train)
     pairs = zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(), strict=True)
     return [value for value, _ in sorted(pairs, key=lambda p: (-p[1], p[0]))]
@@ -283,6 +303,30 @@ def _buckets(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.where(x == 0, 0, 1 + np.searchsorted(edges, x, side="right")).astype(np.int64)
 
 
+# Below every positive double: as the first bucketize boundary it gives 0 (and only 0, for a
+# non-negative column) bucket 0, like ``_buckets``.
+ZERO_BOUNDARY = float(np.nextafter(0.0, 1.0))
+
+
+def bucket_boundaries(edges: list[float], column: str) -> list[float]:
+    """``id_mode: bucketize`` boundaries that give a non-negative column the buckets of
+    ``_buckets(x, edges)``: ``[ZERO_BOUNDARY] + edges``.
+
+    Example::
+
+        bucket_boundaries([3.0, 10.0], "age")  # [5e-324, 3.0, 10.0]: 0 -> 0, 1 -> 1, 3 -> 2, 50 -> 3
+
+    Raises:
+        DatasetError: an edge <= 0 (negative training values), where no boundaries can do it.
+    """
+    if edges and edges[0] <= ZERO_BOUNDARY:
+        raise DatasetError(
+            f"column {column!r}: bucket edge {edges[0]} <= 0; raw mode's bucketize boundaries "
+            "reproduce the zero bucket only for non-negative columns"
+        )
+    return [ZERO_BOUNDARY, *edges]
+
+
 @dataclass
 class _Processor:
     """Fitted on the training split: vocabularies, bucket edges, means and standard deviations."""
@@ -300,7 +344,7 @@ class _Processor:
 
     def fit(self, train: pa.Table, path: str) -> None:
         for c in self.categorical:
-            self.vocab[c] = _vocabulary(train.column(c))
+            self.vocab[c] = vocabulary(train.column(c))
         for c in self.numeric:
             x = _numeric(train, c, path)
             self.edges[c] = [float(e) for e in _bucket_edges(x)]
@@ -315,6 +359,12 @@ class _Processor:
         for c in self.numeric:
             d = self._dense_input(_numeric(table, c, path), c)
             out[c] = ((d - self.mean[c]) / self.std[c]).astype(np.float32)
+        return out
+
+    def raw_columns(self, table: pa.Table, types: dict[str, pa.DataType]) -> dict[str, pa.ChunkedArray]:
+        """The input columns as they are: categorical strings, numeric columns cast to ``types``."""
+        out = {c: table.column(c) for c in self.categorical}
+        out.update({c: pc.cast(table.column(c), types[c]) for c in self.numeric})
         return out
 
     def table_sizes(self) -> dict[str, int]:
@@ -348,9 +398,11 @@ def _write_split(
     return paths
 
 
-def _config(out_dir: str, name: str, sizes: dict[str, int], dense: list[str], tasks: list[dict]) -> dict:
+def _config(
+    out_dir: str, run: str, sizes: dict[str, int], sparse: list[dict], dense: list, tasks: list[dict]
+) -> dict:
     return {
-        "run_dir": os.path.join("runs", f"{name}-ple"),
+        "run_dir": os.path.join("runs", f"{run}-ple"),
         "data": {
             "train": os.path.join(out_dir, "train", "*.parquet"),
             "eval": os.path.join(out_dir, "valid", "*.parquet"),
@@ -358,13 +410,56 @@ def _config(out_dir: str, name: str, sizes: dict[str, int], dense: list[str], ta
                 {"name": t, "num_embeddings": n, "embedding_dim": 8, "pooling": "sum"}
                 for t, n in sizes.items()
             ],
-            "sparse_features": [{"name": t, "table": t, "id_mode": "check"} for t in sizes],
+            "sparse_features": sparse,
             "dense_features": dense,
             "tasks": tasks,
         },
         "model": {"type": "ple"},
         "training": ready_training_section(),
     }
+
+
+def _hand_config(out_dir: str, name: str, processor: _Processor, tasks: list[dict]) -> dict:
+    sizes = processor.table_sizes()
+    sparse = [{"name": t, "table": t, "id_mode": "check"} for t in sizes]
+    return _config(out_dir, name, sizes, sparse, list(processor.numeric), tasks)
+
+
+def _raw_config(out_dir: str, name: str, processor: _Processor, tasks: list[dict]) -> dict:
+    """The hand conversion's processing as ``data.transforms`` over the raw columns (module doc)."""
+    sparse: list[dict] = [{"name": c, "table": c, "id_mode": "vocab"} for c in processor.categorical]
+    for c in processor.numeric:
+        boundaries = bucket_boundaries(processor.edges[c], c)
+        bucket = {"name": f"{c}_bucket", "column": c, "table": f"{c}_bucket", "id_mode": "bucketize"}
+        sparse.append({**bucket, "boundaries": boundaries})
+    dense = [
+        {"name": c, "transforms": ["log1p", "standardize"] if c in processor.log else ["standardize"]}
+        for c in processor.numeric
+    ]
+    # Same tables as the hand mode: V + 1 rows per vocabulary, len(boundaries) + 1 per bucketing.
+    return _config(out_dir, f"{name}-raw", processor.table_sizes(), sparse, dense, tasks)
+
+
+RAW_CONFIG_HEADER = """\
+# Raw columns; data.sparse_features and data.dense_features transform them in the loader, with
+# statistics fitted on the training files (RUN_DIR/features.json). The first boundary of each
+# *_bucket feature, 5e-324 (the smallest positive double), gives the value 0 a bucket of its own.
+"""
+
+
+def _number_types(splits: dict[str, pa.Table], columns: list[str], path: str) -> dict[str, pa.DataType]:
+    """int64 for a column whose values are integers in every split, else float64."""
+    types = {}
+    for c in columns:
+        try:
+            for table in splits.values():
+                pc.cast(table.column(c), pa.int64())
+            types[c] = pa.int64()
+        except pa.ArrowInvalid:
+            for table in splits.values():
+                _numeric(table, c, path)  # a DatasetError naming the column if not a number
+            types[c] = pa.float64()
+    return types
 
 
 def _convert(
@@ -377,11 +472,18 @@ def _convert(
     train_path: str,
     files: int,
     row_group_rows: int,
+    raw: bool = False,
 ) -> PublicSummary:
     processor.fit(splits["train"], train_path)
     summary = PublicSummary(out_dir, os.path.join(out_dir, "config.yaml"))
+    types = _number_types(splits, processor.numeric, train_path) if raw else {}
+    config = (_raw_config if raw else _hand_config)(out_dir, name, processor, tasks)
     for split in SPLITS:
-        columns = processor.transform(splits[split], train_path)
+        columns: dict[str, Any] = (
+            processor.raw_columns(splits[split], types)
+            if raw
+            else processor.transform(splits[split], train_path)
+        )
         for label, y in labels[split].items():
             columns[label] = y.astype(np.int8)
         n = splits[split].num_rows
@@ -390,11 +492,16 @@ def _convert(
         )
         summary.rows[split] = n
         summary.positives[split] = {label: int(y.sum()) for label, y in labels[split].items()}
-    sizes = processor.table_sizes()
+    preprocessing = os.path.join(out_dir, "preprocessing.json")
     with open(summary.config_path, "w") as f:
-        yaml.safe_dump(_config(out_dir, name, sizes, list(processor.numeric), tasks), f, sort_keys=False)
-    with open(os.path.join(out_dir, "preprocessing.json"), "w") as f:
-        json.dump(processor.to_json(), f, indent=1)
+        f.write(RAW_CONFIG_HEADER if raw else "")
+        yaml.safe_dump(config, f, sort_keys=False)
+    if not raw:
+        with open(preprocessing, "w") as f:
+            json.dump(processor.to_json(), f, indent=1)
+    elif os.path.exists(preprocessing):  # left by an earlier hand conversion: not these files'
+        os.remove(preprocessing)
+        summary.notes.append(f"removed {preprocessing} of an earlier conversion (raw mode writes none)")
     return summary
 
 
@@ -447,8 +554,10 @@ def convert_census(
     seed: int = 0,
     files: int = 4,
     row_group_rows: int = 16384,
+    raw: bool = False,
 ) -> PublicSummary:
-    """Census-Income (KDD) as in the PLE and MMoE papers; see the module docstring."""
+    """Census-Income (KDD) as in the PLE and MMoE papers; see the module docstring. ``raw``: the
+    original columns and a config of generic transforms."""
     train_path, test_path = census_sources(source) if source else extract_members(CENSUS_ARCHIVE, cache)
     train, test = read_census(train_path), read_census(test_path)
     perm = np.random.default_rng(seed).permutation(test.num_rows)
@@ -458,7 +567,9 @@ def convert_census(
     categorical = [c for c in CENSUS_COLUMNS if c not in CENSUS_DROPPED and c not in CENSUS_NUMERIC]
     processor = _Processor(categorical, list(CENSUS_NUMERIC), list(CENSUS_LOG))
     tasks = [{"name": "income", "label": "income"}, {"name": "marital", "label": "marital"}]
-    summary = _convert(out_dir, "census", splits, labels, processor, tasks, train_path, files, row_group_rows)
+    summary = _convert(
+        out_dir, "census", splits, labels, processor, tasks, train_path, files, row_group_rows, raw
+    )
     summary.notes.append(f"sources: {train_path}, {test_path}; valid/test: seed {seed}")
     return summary
 
@@ -483,8 +594,10 @@ def convert_hillstrom(
     conversion_space: str = "visited",
     files: int = 2,
     row_group_rows: int = 8192,
+    raw: bool = False,
 ) -> PublicSummary:
-    """Hillstrom visit -> conversion; see the module docstring."""
+    """Hillstrom visit -> conversion; see the module docstring. ``raw``: the original columns and
+    a config of generic transforms."""
     if conversion_space not in ("visited", "all"):
         raise ValueError(f"conversion_space must be 'visited' or 'all', got {conversion_space!r}")
     path = source or extract_members(HILLSTROM_ARCHIVE, cache)[0]
@@ -506,6 +619,8 @@ def convert_hillstrom(
     if conversion_space == "visited":
         conversion["sample_space"] = "visit"
     tasks = [{"name": "visit", "label": "visit"}, conversion]
-    summary = _convert(out_dir, "hillstrom", splits, labels, processor, tasks, path, files, row_group_rows)
+    summary = _convert(
+        out_dir, "hillstrom", splits, labels, processor, tasks, path, files, row_group_rows, raw
+    )
     summary.notes.append(f"source: {path}; split 70/15/15 seed {seed}; conversion space: {conversion_space}")
     return summary

