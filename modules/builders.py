@@ -173,8 +173,10 @@ def build_network(
             "the cross codebook (data.cross) is read only by model.type dtn with the memonet method: "
             + ("set data.cross" if cross is None else f"remove data.cross for model.type {config.type!r}")
         )
-    return builder(config, in_features, task_names, cross=cross) if cross is not None else builder(
-        config, in_features, task_names
+    return (
+        builder(config, in_features, task_names, cross=cross)
+        if cross is not None
+        else builder(config, in_features, task_names)
     )
 
 

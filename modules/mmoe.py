@@ -5,6 +5,9 @@ Layout with K tasks and n shared experts::
     experts   : n MLPs, every one reads x
     gate k    : selector = x, candidates = all n experts (softmax over n)
     tower k   : reads gate k's mixture
+
+The n experts are one :class:`~towerrec.modules.mlp.StackedMLP`: each expert layer is one GEMM for
+all of them (every expert reads x).
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 from towerrec.modules.gate import Gate
-from towerrec.modules.mlp import MLP
+from towerrec.modules.mlp import StackedMLP
 from towerrec.modules.tower import Tower, check_task_names
 
 
 class MMoE(nn.Module):
     """n shared experts, one gate over all of them per task, one tower per task.
+
+    State-dict keys of the experts, per expert layer l: ``experts.linears.l.weight
+    [n, width_l, width_{l-1}]``, ``experts.linears.l.bias [n, width_l]`` (and ``experts.norms.l.*``
+    with a norm); ``experts.member(i)`` is expert i as an :class:`~towerrec.modules.mlp.MLP`.
 
     Args:
         in_features (int): width of the model input x.
@@ -57,14 +64,14 @@ class MMoE(nn.Module):
         mlp_kw = dict(activation=activation, norm=norm, dropout=dropout)
         self.in_features = in_features
         self.num_experts = num_experts
-        self.experts = nn.ModuleList(MLP(in_features, expert_hidden, **mlp_kw) for _ in range(num_experts))
-        width = self.experts[0].out_features
+        self.experts = StackedMLP(num_experts, in_features, expert_hidden, **mlp_kw)
+        width = self.experts.out_features
         self.gates = nn.ModuleDict({t: Gate(in_features, num_experts) for t in self.task_names})
         self.towers = nn.ModuleDict({t: Tower(width, tower_hidden, **mlp_kw) for t in self.task_names})
 
     def forward_with_gates(self, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Logits as in :meth:`forward` plus each task's gate weights ``[B, num_experts]``."""
-        experts = [e(x) for e in self.experts]
+        experts = self.experts(x, shared_input=True)  # [n, B, d]
         logits: Dict[str, torch.Tensor] = {}
         weights: Dict[str, torch.Tensor] = {}
         for t in self.task_names:

@@ -8,6 +8,9 @@ Layout of one extraction level with K tasks, ``m_k`` experts for task k and ``m_
 
 Level 1 feeds ``x`` to every branch; level j > 1 feeds task branch k with ``g_k`` of level j-1 and
 the shared branch with ``g_s`` of level j-1. Tower k reads ``g_k`` of the last level.
+
+The experts of a level are one :class:`~towerrec.modules.mlp.StackedMLP` (task 0's experts, task
+1's, ..., then the shared ones): each layer of every expert of the level is one kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from towerrec.modules.gate import Gate
-from towerrec.modules.mlp import MLP
+from towerrec.modules.mlp import StackedMLP
+from towerrec.modules.stacked import part_parameters
 from towerrec.modules.tower import Tower, check_task_names
 
 
@@ -42,19 +46,28 @@ class LevelGates(NamedTuple):
 class ExtractionLevel(nn.Module):
     """One CGC block: per-task experts, shared experts, a gate per task, optional shared gate.
 
+    The level's ``Σm_k + m_s`` experts are one :class:`StackedMLP`, ``experts``: task 0's ``m_0``
+    experts first, then task 1's, ..., then the ``m_s`` shared ones, with the parts ``task`` and
+    ``shared`` (the shared experts' parameters stay tensors of their own, GradNorm's shared
+    layer). Each expert layer is one GEMM on level 1, where every expert reads x, and one ``bmm``
+    on later levels. State-dict keys, per expert layer l: ``experts.linears.l.weight.task
+    [Σm_k, width_l, width_{l-1}]``, ``experts.linears.l.weight.shared [m_s, ...]``,
+    ``experts.linears.l.bias.task`` / ``.shared`` (and ``experts.norms.l.*`` with a norm).
+
     Args:
         in_features (int): width of every branch's input at this level.
         experts_per_task (Sequence[int]): ``m_k`` for each task, in task order.
         shared_experts (int): ``m_s``.
         expert_hidden (Sequence[int]): expert MLP widths; the last one is the output width d.
         shared_gate (bool): build the shared gate (every level but the last).
-        activation, norm, dropout: forwarded to the expert :class:`MLP`.
+        activation, norm, dropout: the expert MLPs' (see :class:`~towerrec.modules.mlp.MLP`).
 
     Example::
 
         level = ExtractionLevel(16, experts_per_task=[1, 2], shared_experts=1, expert_hidden=[8])
         x = torch.randn(4, 16)
         out = level([x, x], x)   # out.task: two [4, 8]; out.shared: [4, 8]
+        level.expert(1, 0)       # task 1's first expert as an MLP (a copy)
     """
 
     def __init__(
@@ -71,37 +84,52 @@ class ExtractionLevel(nn.Module):
         super().__init__()
         if any(m < 1 for m in experts_per_task) or shared_experts < 1:
             raise ValueError("every task and the shared branch need at least one expert")
-
-        def expert() -> MLP:
-            return MLP(in_features, expert_hidden, activation=activation, norm=norm, dropout=dropout)
-
-        # Nested per task: task k owns exactly experts_per_task[k] experts, so no flat index math
-        # (the classic bug is slicing a flat list with the task count instead of m_k).
-        self.task_experts = nn.ModuleList(nn.ModuleList(expert() for _ in range(m)) for m in experts_per_task)
-        self.shared_experts = nn.ModuleList(expert() for _ in range(shared_experts))
+        self.experts_per_task: List[int] = list(experts_per_task)
+        self.num_shared_experts = shared_experts
+        parts = {"task": sum(self.experts_per_task), "shared": shared_experts}
+        self.experts = StackedMLP(parts, in_features, expert_hidden, activation, norm, dropout)
         self.task_gates = nn.ModuleList(Gate(in_features, m + shared_experts) for m in experts_per_task)
         self.shared_gate: Optional[Gate] = (
             Gate(in_features, sum(experts_per_task) + shared_experts) if shared_gate else None
         )
-        self.out_features: int = self.shared_experts[0].out_features
+        self.out_features: int = self.experts.out_features
+        # Expert ranges: task k's are [starts[k], starts[k] + m_k), the shared ones [num_task, n).
+        # Explicit per-task ranges, never a flat index with the task count (the classic bug).
+        self.starts: List[int] = [sum(self.experts_per_task[:k]) for k in range(len(self.experts_per_task))]
+        self.num_task_experts = parts["task"]
+        # The branch each expert reads on levels > 1: task k's experts task k's input, then shared.
+        self.branch_of_expert: List[int] = [k for k, m in enumerate(self.experts_per_task) for _ in range(m)]
+        self.branch_of_expert += [len(self.experts_per_task)] * shared_experts
+
+    def expert(self, task: Optional[int], index: int) -> nn.Module:
+        """A copy of one expert as an :class:`~towerrec.modules.mlp.MLP`: task ``task``'s
+        ``index``-th, or the ``index``-th shared expert when ``task`` is None."""
+        start = self.num_task_experts if task is None else self.starts[task]
+        return self.experts.member(start + index)
+
+    def expert_outputs(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor) -> torch.Tensor:
+        """Every expert's output, ``[Σm_k + m_s, B, d]`` in the order of ``experts``."""
+        if all(inp is shared_input for inp in task_inputs):  # level 1: every expert reads x
+            return self.experts(shared_input, shared_input=True)
+        branches = [*task_inputs, shared_input]
+        return self.experts(torch.stack([branches[k] for k in self.branch_of_expert]))
 
     def forward(self, task_inputs: List[torch.Tensor], shared_input: torch.Tensor) -> LevelOutput:
         """``task_inputs[k]`` feeds task k's experts and gate; ``shared_input`` the shared ones."""
-        shared_outs = [e(shared_input) for e in self.shared_experts]
-        task_outs = [
-            [e(inp) for e in experts] for experts, inp in zip(self.task_experts, task_inputs, strict=True)
-        ]
+        outs = self.expert_outputs(task_inputs, shared_input)
+        # One split, not a slice per gate: its backward is one concatenation, where every slice's
+        # backward would fill a zero tensor of all experts' size.
+        by_branch = outs.split([*self.experts_per_task, self.num_shared_experts])
         gated: List[torch.Tensor] = []
         task_weights: List[torch.Tensor] = []
-        for gate, own, inp in zip(self.task_gates, task_outs, task_inputs, strict=True):
-            g, w = gate(inp, own + shared_outs, return_weights=True)
+        for k, (gate, inp) in enumerate(zip(self.task_gates, task_inputs, strict=True)):
+            g, w = gate(inp, torch.cat([by_branch[k], by_branch[-1]]), return_weights=True)
             gated.append(g)
             task_weights.append(w)
         shared: Optional[torch.Tensor] = None
         shared_weights: Optional[torch.Tensor] = None
         if self.shared_gate is not None:
-            every = [o for outs in task_outs for o in outs] + shared_outs
-            shared, shared_weights = self.shared_gate(shared_input, every, return_weights=True)
+            shared, shared_weights = self.shared_gate(shared_input, outs, return_weights=True)
         return LevelOutput(gated, shared, task_weights, shared_weights)
 
 
@@ -191,8 +219,8 @@ class PLE(nn.Module):
 
     def last_shared_parameters(self) -> List[nn.Parameter]:
         """GradNorm's W (``modules.loss``), the shared block (all its layers): the parameters of
-        the last level's shared experts."""
-        return list(self.levels[-1].shared_experts.parameters())
+        the last level's shared experts (the ``shared`` part of its stacked experts)."""
+        return part_parameters(self.levels[-1].experts, "shared")
 
 
 class CGC(PLE):

@@ -54,23 +54,25 @@ def test_mmoe_gates_are_distributions_over_all_n_experts():
 def test_mmoe_each_task_gate_mixes_every_expert():
     mmoe = _mmoe()
     experts, gate_in, tower_in = {}, {}, {}
-    for i, e in enumerate(mmoe.experts):
-        e.register_forward_hook(lambda m, a, o, i=i: experts.__setitem__(i, o))
+    mmoe.experts.register_forward_hook(lambda m, a, o: experts.__setitem__("out", o))
     for t in TASKS:
         mmoe.gates[t].register_forward_hook(lambda m, a, o, t=t: gate_in.__setitem__(t, (a, o)))
         mmoe.towers[t].register_forward_hook(lambda m, a, o, t=t: tower_in.__setitem__(t, a[0]))
     x = torch.randn(3, 6)
     mmoe(x)
+    assert experts["out"].shape == (N, 3, 7)
+    for i in range(N):  # the stacked experts compute the N expert MLPs
+        torch.testing.assert_close(experts["out"][i], mmoe.experts.member(i)(x))
     for t in TASKS:
         (selector, cands), (mixed, _) = gate_in[t]
         assert selector is x
-        assert len(cands) == N and all(c is experts[i] for i, c in enumerate(cands))
+        assert cands is experts["out"]  # all N experts, in order
         assert tower_in[t] is mixed
     # Perturbing any single expert moves every task (nothing task-private before the towers).
     before = mmoe(x)
     with torch.no_grad():
-        for p in mmoe.experts[N - 1].parameters():
-            p.add_(torch.randn_like(p))
+        for p in mmoe.experts.parameters():
+            p[N - 1].add_(torch.randn_like(p[N - 1]))
     after = mmoe(x)
     assert all(not torch.allclose(after[t], before[t]) for t in TASKS)
 

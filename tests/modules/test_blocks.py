@@ -44,7 +44,7 @@ def test_gate_weights_are_a_distribution_over_candidates():
     assert (w > 0).all() and (w < 1).all()  # a size-1-axis softmax would give all ones
     expected = sum(w[:, i : i + 1] * cands[i] for i in range(3))
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(gate(sel, torch.stack(cands, dim=1)), out)
+    torch.testing.assert_close(gate(sel, torch.stack(cands)), out)  # stacked: [n, B, d]
     torch.testing.assert_close(gate.weights(sel), w)
 
 
@@ -61,5 +61,7 @@ def test_gate_rejects_wrong_candidate_count():
     gate = Gate(4, 3)
     with pytest.raises(ValueError):
         gate(torch.randn(2, 4), [torch.randn(2, 5)] * 2)
-    with pytest.raises(RuntimeError):  # no silent broadcast of a size-1 candidate axis
-        gate(torch.randn(2, 4), torch.randn(2, 1, 5))
+    with pytest.raises(AssertionError, match="candidate count"):  # no silent broadcast of a size-1 axis
+        gate(torch.randn(2, 4), torch.randn(1, 2, 5))
+    with pytest.raises(AssertionError, match="candidate count"):
+        gate(torch.randn(2, 4), torch.randn(2, 2, 5))

@@ -20,6 +20,7 @@ from towerrec.modules.interaction import (
     MaskNet,
     build_interaction,
 )
+from towerrec.modules.stacked import part_parameters
 from towerrec.trainer.config import ConfigError, load_config
 
 TASKS = ["click", "conversion", "like"]
@@ -128,8 +129,8 @@ def test_memonet_modules_read_the_codebook_in_every_group():
     x, cross = torch.randn(4, IN), torch.randn(4, shape.width)
     logits, trace = dtn.forward_with_gates(x, cross)
     for t in TASKS:
-        assert [type(m).__name__ for m in dtn.task_groups[t]] == ["GDCN", "HashedCrossCodebook"]
-        torch.testing.assert_close(trace.groups[t][1], dtn.task_groups[t][1](x, cross))
+        assert [type(dtn.fi_module(t, m)).__name__ for m in dtn.methods] == ["GDCN", "HashedCrossCodebook"]
+        torch.testing.assert_close(trace.groups[t][1], dtn.fi_module(t, "memonet")(x, cross))
     changed = dtn(x, cross + 1.0)  # the codebook vectors reach every task's logit
     assert all(not torch.allclose(changed[t], logits[t]) for t in TASKS)
     with pytest.raises(ValueError, match="needs the cross codebook vectors"):
@@ -140,26 +141,47 @@ def test_memonet_modules_read_the_codebook_in_every_group():
     assert all(p.grad is not None for name, p in dtn.named_parameters() if "pair_" in name)
 
 
+def _same(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_self_and_pool_see_the_right_groups():
     dtn = _dtn(instances_per_method=2)
-    logits, trace = dtn.forward_with_gates(torch.randn(4, IN))
+    x = torch.randn(4, IN)
+    logits, trace = dtn.forward_with_gates(x)
     per_group = 4  # 2 methods x 2 instances
     assert all(len(trace.groups[t]) == per_group for t in TASKS) and len(trace.shared) == per_group
+    modules = [(m, i) for m in ("gdcn", "masknet") for i in (0, 1)]
     for t in TASKS:
-        assert len(trace.self_inputs[t]) == per_group
-        assert all(a is b for a, b in zip(trace.self_inputs[t], trace.groups[t], strict=True))
+        # each group's outputs are its own modules' (the single FI classes with its weights)
+        for out, (m, i) in zip(trace.groups[t], modules, strict=True):
+            torch.testing.assert_close(out, dtn.fi_module(t, m, i)(x))
+        _same(trace.self_inputs[t], trace.groups[t])
         expected = [o for other in TASKS if other != t for o in trace.groups[other]] + trace.shared
-        pool = trace.pool_inputs[t]
-        assert len(pool) == len(expected) == 3 * per_group
-        assert all(a is b for a, b in zip(pool, expected, strict=True))  # no TSN: unscaled, k's own absent
-        assert not any(p is o for p in pool for o in trace.groups[t])
-        assert dtn.self_sources[t] == [f"{t}/{m}.{i}" for m in ("gdcn", "masknet") for i in (0, 1)]
+        assert len(trace.pool_inputs[t]) == 3 * per_group
+        _same(trace.pool_inputs[t], expected)  # no TSN: unscaled, k's own group absent
+        assert dtn.self_sources[t] == [f"{t}/{m}.{i}" for m, i in modules]
         assert not any(s.startswith(f"{t}/") for s in dtn.pool_sources[t])
         assert trace.self_weights[t].shape == (4, per_group) and trace.pool_weights[t].shape == (4, 12)
-    # no parameter is shared between groups
-    groups = [*dtn.task_groups.values(), dtn.shared_group]
-    owned = [{id(p) for p in g.parameters()} for g in groups]
-    assert sum(len(o) for o in owned) == len(set().union(*owned))
+    for out, (m, i) in zip(trace.shared, modules, strict=True):
+        torch.testing.assert_close(out, dtn.fi_module(None, m, i)(x))
+    # no parameter is shared between groups: changing one group's gdcn.1 changes that output only
+    member = TASKS.index("like") * 2 + 1
+    with torch.no_grad():
+        for p in part_parameters(dtn.interactions["gdcn"], "task"):
+            p[member].add_(1.0)
+    _, after = dtn.forward_with_gates(x)
+    changed = [
+        (g, k)
+        for g, (old, new) in enumerate(
+            zip([*trace.groups.values(), trace.shared], [*after.groups.values(), after.shared], strict=True)
+        )
+        for k in range(per_group)
+        if not torch.equal(old[k], new[k])
+    ]
+    assert changed == [(TASKS.index("like"), 1)]
 
 
 def test_tsn_scales_the_parent_group_by_its_probability():
@@ -172,9 +194,9 @@ def test_tsn_scales_the_parent_group_by_its_probability():
     for scaled, raw in zip(pool[:n], trace.groups["click"], strict=True):
         torch.testing.assert_close(scaled, raw * prob)
         assert not torch.allclose(scaled, raw)
-    assert all(a is b for a, b in zip(pool[n : 2 * n], trace.groups["like"], strict=True))  # not a parent
+    _same(pool[n : 2 * n], trace.groups["like"])  # not a parent: unscaled
     # the parent's own pool and other tasks are unscaled
-    assert all(a is b for a, b in zip(trace.pool_inputs["like"][:n], trace.groups["click"], strict=True))
+    _same(trace.pool_inputs["like"][:n], trace.groups["click"])
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -265,7 +287,12 @@ def test_config_parses_and_builds(tmp_path: Path):
     assert config.model.model_dump(include=set(MODEL)) == MODEL
     net = build_network(config.model, in_features=10, task_names=["click", "conversion"])
     assert isinstance(net, DTN) and net.dependencies == {"conversion": "click"} and net.combine == "sum"
-    assert [type(m).__name__ for m in net.shared_group] == ["GDCN", "MaskNet", "DCNv2"]
+    assert [type(net.fi_module(None, m)).__name__ for m in net.methods] == ["GDCN", "MaskNet", "DCNv2"]
+    assert [type(s).__name__ for s in net.interactions.values()] == [
+        "StackedGDCN",
+        "StackedMaskNet",
+        "StackedDCNv2",
+    ]
     assert net.towers["click"].mlp.in_features == 8
     out = net(torch.randn(2, 10))
     assert set(out) == {"click", "conversion"} and out["click"].shape == (2,)

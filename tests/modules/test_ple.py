@@ -7,6 +7,7 @@ import torch
 from towerrec.modules.builders import build_network
 from towerrec.modules.config import PLEConfig
 from towerrec.modules.ple import CGC, PLE
+from towerrec.modules.stacked import part_parameters
 
 TASKS = ["a", "b", "c"]
 COUNTS = [1, 3, 2]  # differs from the task count on purpose
@@ -22,8 +23,10 @@ def _ple(num_levels=2, **kw):
 def test_candidate_counts_per_gate():
     ple = _ple(num_levels=2)
     for level in ple.levels:
-        assert [len(e) for e in level.task_experts] == COUNTS
-        assert len(level.shared_experts) == M_S
+        assert level.experts_per_task == COUNTS and level.num_shared_experts == M_S
+        assert level.experts.num_members == sum(COUNTS) + M_S
+        assert [p.shape[0] for p in part_parameters(level.experts, "task")] == [sum(COUNTS)] * 2
+        assert [p.shape[0] for p in part_parameters(level.experts, "shared")] == [M_S] * 2
         assert [g.num_candidates for g in level.task_gates] == [m + M_S for m in COUNTS]
     assert ple.levels[0].shared_gate.num_candidates == sum(COUNTS) + M_S
     assert ple.levels[1].shared_gate is None  # nothing reads g_s after the last level
@@ -53,18 +56,31 @@ def test_gradients_reach_every_expert_and_gate():
 
 
 def _record_gate_inputs(level):
-    """Capture (selector, candidates) of every gate and the output of every expert."""
+    """Capture (selector, candidates) of every gate and the output of every expert, the latter
+    computed by the expert's own MLP (``level.expert``) from the input the stacked experts read."""
     seen = {"gate_in": {}, "expert_out": {}}
     for k, gate in enumerate(level.task_gates):
         gate.register_forward_hook(lambda m, a, o, k=k: seen["gate_in"].__setitem__(k, a))
     if level.shared_gate is not None:
         level.shared_gate.register_forward_hook(lambda m, a, o: seen["gate_in"].__setitem__("s", a))
-    for k, experts in enumerate(level.task_experts):
-        for i, e in enumerate(experts):
-            e.register_forward_hook(lambda m, a, o, key=(k, i): seen["expert_out"].__setitem__(key, o))
-    for i, e in enumerate(level.shared_experts):
-        e.register_forward_hook(lambda m, a, o, key=("s", i): seen["expert_out"].__setitem__(key, o))
+
+    def experts_hook(module, args, kwargs, out):
+        inputs = args[0]
+        branches = [(k, i) for k, m in enumerate(COUNTS) for i in range(m)] + [("s", i) for i in range(M_S)]
+        for e, (k, i) in enumerate(branches):
+            x = inputs if kwargs.get("shared_input") else inputs[e]
+            single = level.expert(None if k == "s" else k, i)(x)
+            torch.testing.assert_close(out[e], single)  # the stacked expert e is that MLP
+            seen["expert_out"][(k, i)] = out[e]
+
+    level.experts.register_forward_hook(experts_hook, with_kwargs=True)
     return seen
+
+
+def _same(candidates, expected):
+    assert candidates.shape[0] == len(expected)
+    for c, e in zip(candidates, expected, strict=True):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
 
 
 def test_task_gate_candidates_are_own_plus_shared_experts():
@@ -74,9 +90,7 @@ def test_task_gate_candidates_are_own_plus_shared_experts():
     shared = [seen["expert_out"][("s", i)] for i in range(M_S)]
     for k, m in enumerate(COUNTS):
         _, cands = seen["gate_in"][k]
-        own = [seen["expert_out"][(k, i)] for i in range(m)]
-        assert len(cands) == m + M_S
-        assert all(c is o for c, o in zip(cands, own + shared, strict=True))
+        _same(cands, [seen["expert_out"][(k, i)] for i in range(m)] + shared)
 
 
 def test_shared_gate_candidates_are_all_experts():
@@ -85,14 +99,15 @@ def test_shared_gate_candidates_are_all_experts():
     ple(torch.randn(3, 5))
     _, cands = seen["gate_in"]["s"]
     every = [seen["expert_out"][(k, i)] for k, m in enumerate(COUNTS) for i in range(m)]
-    every += [seen["expert_out"][("s", i)] for i in range(M_S)]
-    assert len(cands) == len(every) and all(c is e for c, e in zip(cands, every, strict=True))
+    _same(cands, every + [seen["expert_out"][("s", i)] for i in range(M_S)])
 
 
 def _perturb_task_experts(level, task):
+    start = level.starts[task]
     with torch.no_grad():
-        for p in level.task_experts[task].parameters():
-            p.add_(torch.randn_like(p))
+        for p in part_parameters(level.experts, "task"):
+            rows = p[start : start + level.experts_per_task[task]]
+            rows.add_(torch.randn_like(rows))
 
 
 def test_cgc_task_gate_ignores_other_tasks_experts():
@@ -134,21 +149,23 @@ def test_level_inputs_follow_the_previous_level():
     for j, level in enumerate(ple.levels):
         for k, gate in enumerate(level.task_gates):
             watch(gate, (j, k), record_out=True)
-            watch(level.task_experts[k][0], (j, k, "e"))
         if level.shared_gate is not None:
             watch(level.shared_gate, (j, "s"), record_out=True)
-        watch(level.shared_experts[0], (j, "s", "e"))
+        watch(level.experts, (j, "e"))
     for t in TASKS:
         watch(ple.towers[t], t)
     x = torch.randn(4, 5)
     ple(x)
     for k in range(len(TASKS)):  # level 1: every branch reads x
-        assert ins[(0, k)] is x and ins[(0, k, "e")] is x
-    assert ins[(0, "s")] is x and ins[(0, "s", "e")] is x
+        assert ins[(0, k)] is x
+    assert ins[(0, "s")] is x and ins[(0, "e")] is x  # one input for all experts
     for j in (1, 2):  # level j > 1: task k reads g_k, shared reads g_s of level j - 1
+        experts_in = ins[(j, "e")]  # [n, B, in]: expert e's own input
         for k in range(len(TASKS)):
-            assert ins[(j, k)] is outs[(j - 1, k)] and ins[(j, k, "e")] is outs[(j - 1, k)]
-        assert ins[(j, "s", "e")] is outs[(j - 1, "s")]
+            assert ins[(j, k)] is outs[(j - 1, k)]
+            start = ple.levels[j].starts[k]
+            _same(experts_in[start : start + COUNTS[k]], [outs[(j - 1, k)]] * COUNTS[k])
+        _same(experts_in[sum(COUNTS) :], [outs[(j - 1, "s")]] * M_S)
     assert ins[(1, "s")] is outs[(0, "s")]
     for k, t in enumerate(TASKS):  # tower k reads g_k of the last level
         assert ins[t] is outs[(2, k)]
