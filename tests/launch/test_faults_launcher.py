@@ -1,5 +1,8 @@
 """Ctrl-C and SIGTERM to a running ``towerrec train``: the ranks stop at a step boundary and save
-(``trainer.preemption``), the command exits 130 / 143, and no process of the job is left."""
+(``trainer.preemption``), the command exits 130 / 143, and no process of the job is left.
+
+Both signals take one path (``launch.commands.train.StopSignals``, then ``stop``): a real job is
+stopped by Ctrl-C, and both signals are checked against ``StopSignals`` in this process."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 from launch_helpers import REPO, script
 from towerrec.launch import cli, processes
+from towerrec.launch.commands.train import Stopped, StopSignals
 
 pytestmark = pytest.mark.skipif(not processes.SUPPORTED, reason="finds the job's processes in /proc")
 
@@ -36,7 +40,8 @@ def train_until_step(config: Path, run_dir: Path, log: Path, step: int) -> tuple
     return job, sessions | processes.job_sessions(job.pid)
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM (143) takes the same path as SIGINT: test_sigint_and_sigterm_both_stop_the_job below.
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130)])
 def test_stopping_towerrec_train_saves_and_leaves_no_rank_behind(synth_data, tmp_path, sig, status) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     job, sessions = train_until_step(synth_data / "config.yaml", run_dir, log, step=10)
@@ -55,6 +60,22 @@ def test_stopping_towerrec_train_saves_and_leaves_no_rank_behind(synth_data, tmp
     assert f"towerrec train: {sig.name}: stopping" in output
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert saved and int(saved[-1].removeprefix("step-")) >= 10, saved  # the ranks' preemption save
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_both_stop_the_job(sig, status) -> None:
+    """While a job runs, either signal stops it (``towerrec train`` then exits 128 + its number),
+    a second one asks to kill the job at once, and the handlers before come back after."""
+    before = {s: signal.getsignal(s) for s in StopSignals.SIGNALS}
+    with StopSignals() as signals:
+        with pytest.raises(Stopped) as stopped:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler raises in this thread as soon as the signal arrives
+        assert stopped.value.signum == sig and 128 + stopped.value.signum == status
+        assert not signals.hurry()
+        os.kill(os.getpid(), sig)  # again: no exception, the stop hurries
+        assert signals.hurry() and signals.received == [sig, sig]
+    assert {s: signal.getsignal(s) for s in StopSignals.SIGNALS} == before
 
 
 def test_train_restarts_on_a_fresh_store_and_outwaits_the_preemption_grace(valid_config, capsys) -> None:

@@ -500,8 +500,8 @@ def test_missing_damaged_or_foreign_checkpoints_give_one_clear_error(
         "table 'user': num_embeddings 100000 in the checkpoint, 5000 in the config",
         "table 'item': embedding_dim 16 in the checkpoint, 8 in the config",
         "model tensor model.ebc.embedding_bags.user.weight: shape [100000, 16] in the checkpoint, [5000, 16]",
-        "model tensor model.network.levels.0.shared_experts.0.layers.0.weight: shape [64, 100] in the "
-        "checkpoint, [32, 84] in the model",
+        "model tensor model.network.levels.0.experts.linears.0.weight.shared: shape [1, 64, 100] in the "
+        "checkpoint, [1, 32, 84] in the model",
     ]:
         assert line in message, message
     # Nothing above changed the checkpoint.

@@ -1,6 +1,9 @@
 """Disk faults on real gloo ranks: a failed save that lets the run continue
 (``checkpoint.on_save_error: continue``), and a resume whose newest checkpoint is corrupted or
-truncated falling back to the previous complete one (``checkpoint.resume_fallback``), saying so."""
+truncated falling back to the previous complete one (``checkpoint.resume_fallback``), saying so.
+
+Every run of both tests goes through one 2-rank job (fixture ``disk_faults``): starting the
+ranks costs more than their few steps."""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from dist_utils import run_on_ranks
 
 SMALL = ["training.batch_size=512", "training.num_workers=0"]
+SAVES = ["checkpoint.interval=2", "checkpoint.keep_last=3"]
 
 
 class _Warnings(logging.Handler):
@@ -27,14 +32,12 @@ class _Warnings(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _save_fails_at_step_4(rank: int, world_size: int, config_path: str, run_dir: str) -> dict[str, Any]:
+def _save_fails_at_step_4(env: Any, config_path: str, run_dir: str) -> dict[str, Any]:
     import resource
 
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.distributed import init_distributed
     from towerrec.trainer.train import Trainer
 
-    env = init_distributed()
     overrides = ["training.max_steps=6", "checkpoint.interval=2", "checkpoint.keep_last=1"]
     config = load_config(
         config_path, [f"run_dir={run_dir}", *SMALL, *overrides, "checkpoint.on_save_error=continue"]
@@ -56,39 +59,16 @@ def _save_fails_at_step_4(rank: int, world_size: int, config_path: str, run_dir:
     trainer.checkpoints.save = save_over_a_size_limit
     warnings = _Warnings()
     trainer.fit()
+    logging.getLogger("towerrec").removeHandler(warnings)
     return {"step": trainer.step, "warnings": warnings.lines, **during}
 
 
-def test_a_failed_save_with_on_save_error_continue_warns_keeps_the_previous_checkpoint_and_trains_on(
-    synth_data: Path, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "run"
-    results = run_on_ranks(_save_fails_at_step_4, 2, args=(str(synth_data / "config.yaml"), str(run_dir)))
-    for status, value in results:
-        assert status == "ok", value
-        assert value["step"] == 6
-        # Right after the failed save: keep_last 1 still keeps step 2; nothing of step 4 is left.
-        assert value["files"] == ["latest", "step-00000002"]
-    [warning] = [w for w in results[0][1]["warnings"] if "not saved" in w]
-    assert warning.startswith(
-        "checkpoint at step 4 not saved; training goes on (checkpoint.on_save_error: continue)"
-    )
-    # Each rank's error (torch.save's writer reports the refused write in its own words).
-    assert "saving checkpoint step-00000004 failed (rank 0: " in warning and "; rank 1: " in warning
-    assert "the latest complete checkpoint (step-00000002) is unchanged" in warning
-    checkpoints = run_dir / "checkpoints"
-    assert sorted(os.listdir(checkpoints)) == ["latest", "step-00000006"]
-    assert (checkpoints / "latest").read_text().strip() == "step-00000006"
-
-
-def _resume(rank: int, world_size: int, config_path: str, runs: list[tuple[str, list[str]]]) -> list[Any]:
+def _resume(env: Any, config_path: str, runs: list[tuple[str, list[str]]]) -> list[Any]:
     """Fit each ``(run_dir, overrides)``: the resumed step and the warnings, or the error."""
     from towerrec.trainer.checkpoint import CheckpointError
     from towerrec.trainer.config import load_config
-    from towerrec.trainer.distributed import init_distributed
     from towerrec.trainer.train import Trainer
 
-    env = init_distributed()
     out: list[Any] = []
     for run_dir, overrides in runs:
         warnings = _Warnings()
@@ -112,41 +92,80 @@ def _flip_bytes(path: Path) -> None:
         f.write(b"\xff" * 64)
 
 
-def test_resume_falls_back_from_a_corrupted_or_truncated_latest_checkpoint_naming_the_file(
-    synth_data: Path, tmp_path: Path
-) -> None:
-    config = str(synth_data / "config.yaml")
-    source = tmp_path / "source"
-    saves = ["checkpoint.interval=2", "checkpoint.keep_last=3"]
-    [(status, value), _] = run_on_ranks(
-        _resume, 2, args=(config, [(str(source), [*saves, "training.max_steps=4"])])
-    )
-    assert status == "ok", value
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size - 100)
 
-    def damaged(name: str, file: str, damage: Any) -> str:
-        run_dir = tmp_path / name
-        shutil.copytree(source, run_dir)
-        damage(run_dir / "checkpoints" / "step-00000004" / file)
-        return str(run_dir)
 
-    def truncate(path: Path) -> None:
-        os.truncate(path, path.stat().st_size - 100)
+# The damaged copies of the source run (4 steps, checkpoints at 2 and 4) the fallback test resumes.
+DAMAGED = [  # (run, file of step-00000004, damage, overrides)
+    ("corrupted", "__1_0.distcp", _flip_bytes, [*SAVES, "training.max_steps=6"]),
+    ("truncated", "__0_0.distcp", _truncate, [*SAVES, "training.max_steps=6"]),
+    ("no-fallback", "__1_0.distcp", _flip_bytes, [*SAVES, "checkpoint.resume_fallback=false"]),
+]
 
-    runs = [
-        (damaged("corrupted", "__1_0.distcp", _flip_bytes), [*saves, "training.max_steps=6"]),
-        (damaged("truncated", "__0_0.distcp", truncate), [*saves, "training.max_steps=6"]),
-        (damaged("no-fallback", "__1_0.distcp", _flip_bytes), [*saves, "checkpoint.resume_fallback=false"]),
-    ]
-    results = run_on_ranks(_resume, 2, args=(config, runs), timeout_s=300)
+
+def _disk_faults(rank: int, world_size: int, config_path: str, root: str) -> dict[str, Any]:
+    """Both tests' runs on these ranks: the failed save; then the source run, damaged copies of
+    it (rank 0, between barriers), and the resumes of those copies."""
+    import torch.distributed as dist
+    from towerrec.trainer.distributed import init_distributed
+
+    env = init_distributed()
+    failed_save = _save_fails_at_step_4(env, config_path, f"{root}/failed-save")
+    [source] = _resume(env, config_path, [(f"{root}/source", [*SAVES, "training.max_steps=4"])])
+    dist.barrier()
+    if rank == 0:
+        for name, file, damage, _ in DAMAGED:
+            shutil.copytree(f"{root}/source", f"{root}/{name}")
+            damage(Path(root, name, "checkpoints", "step-00000004", file))
+    dist.barrier()
+    resumed = _resume(env, config_path, [(f"{root}/{name}", overrides) for name, _, _, overrides in DAMAGED])
+    return {"failed_save": failed_save, "source": source, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def disk_faults(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """The runs' folder and what each rank returned."""
+    root = tmp_path_factory.mktemp("disk-faults")
+    results = run_on_ranks(_disk_faults, 2, args=(str(synth_data / "config.yaml"), str(root)), timeout_s=300)
     for status, value in results:
         assert status == "ok", value
-        corrupted, truncated, refused = value
+    return root, [value for _, value in results]
+
+
+def test_a_failed_save_with_on_save_error_continue_warns_keeps_the_previous_checkpoint_and_trains_on(
+    disk_faults: tuple[Path, list[dict]],
+) -> None:
+    root, ranks = disk_faults
+    for value in ranks:
+        assert value["failed_save"]["step"] == 6
+        # Right after the failed save: keep_last 1 still keeps step 2; nothing of step 4 is left.
+        assert value["failed_save"]["files"] == ["latest", "step-00000002"]
+    [warning] = [w for w in ranks[0]["failed_save"]["warnings"] if "not saved" in w]
+    assert warning.startswith(
+        "checkpoint at step 4 not saved; training goes on (checkpoint.on_save_error: continue)"
+    )
+    # Each rank's error (torch.save's writer reports the refused write in its own words).
+    assert "saving checkpoint step-00000004 failed (rank 0: " in warning and "; rank 1: " in warning
+    assert "the latest complete checkpoint (step-00000002) is unchanged" in warning
+    checkpoints = root / "failed-save" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step-00000006"]
+    assert (checkpoints / "latest").read_text().strip() == "step-00000006"
+
+
+def test_resume_falls_back_from_a_corrupted_or_truncated_latest_checkpoint_naming_the_file(
+    disk_faults: tuple[Path, list[dict]],
+) -> None:
+    root, ranks = disk_faults
+    for value in ranks:
+        assert (value["source"]["resumed"], value["source"]["step"]) == (None, 4)
+        corrupted, truncated, refused = value["resumed"]
         assert (corrupted["resumed"], corrupted["step"]) == (2, 6)
         assert (truncated["resumed"], truncated["step"]) == (2, 6)
         assert refused.startswith("CheckpointError: checkpoint ") and "step-00000004 is damaged:" in refused
         assert "__1_0.distcp is corrupted: CRC32 " in refused
         assert "checkpoint.resume_fallback=true would resume from step-00000002 instead" in refused
-    corrupted, truncated, _ = results[0][1]
+    corrupted, truncated, _ = ranks[0]["resumed"]
     for outcome, problem in [
         (corrupted, "__1_0.distcp is corrupted: CRC32 "),
         (truncated, "__0_0.distcp is truncated: "),
@@ -156,10 +175,10 @@ def test_resume_falls_back_from_a_corrupted_or_truncated_latest_checkpoint_namin
         assert "resuming from the previous complete checkpoint step-00000002 instead" in warning
         assert "the damaged checkpoint is kept as " in warning and "step-00000004.damaged" in warning
     for name in ("corrupted", "truncated"):
-        checkpoints = tmp_path / name / "checkpoints"
+        checkpoints = root / name / "checkpoints"
         assert (checkpoints / "step-00000004.damaged").is_dir()  # kept for inspection
         assert (checkpoints / "latest").read_text().strip() == "step-00000006"
     # Refused: nothing moved, latest still names the damaged checkpoint.
-    checkpoints = tmp_path / "no-fallback" / "checkpoints"
+    checkpoints = root / "no-fallback" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-00000004"
     assert not (checkpoints / "step-00000004.damaged").exists()
