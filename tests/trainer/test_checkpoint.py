@@ -617,7 +617,9 @@ def test_a_save_that_hits_the_file_size_limit_stops_the_run_and_keeps_latest(
     text = log.read_text()
     assert "saving checkpoint step-00000008 failed" in text, text[-3000:]
     assert "the latest complete checkpoint (step-00000004) is unchanged" in text
-    assert text.count("File too large") >= 1
+    # The cause as the writer saw it: EFBIG from a plain write, or torch's zip writer noticing its
+    # own short write ("unexpected pos"), depending on which file reaches the limit first.
+    assert "File too large" in text or "unexpected pos" in text, text[-3000:]
     assert (checkpoints / "latest").read_text().strip() == saved.name
     assert not (checkpoints / "step-00000008").exists()
     from towerrec.trainer.checkpoint import load_model_state
