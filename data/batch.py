@@ -76,68 +76,54 @@ class Batch(Pipelineable):
 
 @dataclass
 class PackedBatch:
-    """A :class:`Batch` as two flat buffers, for the hop from a DataLoader worker to the trainer.
-
-    Every tensor a worker sends costs its own shared-memory segment (about 0.5 ms each here), so a
-    batch travels as one int64 buffer (sparse values, then key-major lengths) and one float32
-    buffer (dense row-major, labels task by task, weights); :meth:`unpack` makes views of them.
+    """A :class:`Batch` in two flat buffers, for the hop from a DataLoader worker to the trainer:
+    one int64 buffer (the sparse values, then the key-major int32 lengths in the same bytes,
+    padded to a whole word) and one float32 buffer (dense row-major, labels task by task,
+    weights). A worker sends numpy buffers, pickled as two byte strings through its pipe: a
+    torch tensor would cost a shared-memory segment and a file descriptor hand-over each (about
+    0.5 ms, and several context switches, per tensor). :meth:`unpack` makes views: no copy, and
+    the lengths stay int32 (KeyedJaggedTensor takes them as they are).
 
     Example::
 
-        packed = PackedBatch.pack(values, lengths, dense, labels, weights, keys, tasks)
-        batch = packed.unpack()   # Batch; no copy but the int32 lengths
+        packed = PackedBatch(ints, floats, keys, tasks, batch_size=1024, num_dense=4, num_values=9000)
+        batch = packed.unpack()         # Batch of views of the two buffers
     """
 
-    ints: torch.Tensor  # int64 [num_values + K*B]
-    floats: torch.Tensor  # float32 [B*D + T*B + B]
+    ints: torch.Tensor | np.ndarray  # int64 [num_values + ceil(K*B / 2)]: values, int32 lengths
+    floats: torch.Tensor | np.ndarray  # float32 [B*D + T*B + B]
     keys: tuple[str, ...]
     tasks: tuple[str, ...]
     batch_size: int
     num_dense: int
-
-    @staticmethod
-    def pack(
-        values: np.ndarray,
-        lengths: np.ndarray,
-        dense: np.ndarray,
-        labels: np.ndarray,
-        weights: np.ndarray,
-        keys: tuple[str, ...],
-        tasks: tuple[str, ...],
-    ) -> "PackedBatch":
-        """``lengths`` [K, B], ``dense`` [B, D], ``labels`` [T, B] (rows in ``tasks`` order)."""
-        ints = np.concatenate([values.astype(np.int64, copy=False), lengths.reshape(-1)])
-        floats = np.concatenate([dense.reshape(-1), labels.reshape(-1), weights]).astype(
-            np.float32, copy=False
-        )
-        return PackedBatch(
-            torch.from_numpy(ints), torch.from_numpy(floats), keys, tasks, len(weights), dense.shape[1]
-        )
+    num_values: int
 
     def pin_memory(self) -> "PackedBatch":  # called by DataLoader(pin_memory=True) on CUDA hosts
         return PackedBatch(
-            self.ints.pin_memory(),
-            self.floats.pin_memory(),
+            torch.as_tensor(self.ints).pin_memory(),
+            torch.as_tensor(self.floats).pin_memory(),
             self.keys,
             self.tasks,
             self.batch_size,
             self.num_dense,
+            self.num_values,
         )
 
     def unpack(self) -> Batch:
-        size, num_dense, num_lengths = self.batch_size, self.num_dense, len(self.keys) * self.batch_size
-        num_values = self.ints.numel() - num_lengths
+        """The :class:`Batch` of views of the buffers (numpy buffers become torch without a copy)."""
+        size, num_dense, num_values = self.batch_size, self.num_dense, self.num_values
+        ints, floats = torch.as_tensor(self.ints), torch.as_tensor(self.floats)
         dense_end = size * num_dense
         labels_end = dense_end + len(self.tasks) * size
-        labels = self.floats[dense_end:labels_end].view(len(self.tasks), size)
+        labels = floats[dense_end:labels_end].view(len(self.tasks), size)
         return Batch(
-            dense=self.floats[:dense_end].view(size, num_dense),
+            dense=floats[:dense_end].view(size, num_dense),
             sparse=KeyedJaggedTensor(
                 keys=list(self.keys),
-                values=self.ints[:num_values],
-                lengths=self.ints[num_values:].to(torch.int32),
+                values=ints[:num_values],
+                lengths=ints[num_values:].view(torch.int32)[: len(self.keys) * size],
                 stride=size,
             ),
-            labels={task: labels[i] for i, task in enumerate(self.tasks)},
-            weights=self.floats[labels_end:],
+            labels=dict(zip(self.tasks, labels.unbind(0), strict=True)),
+            weights=floats[labels_end:],
         )

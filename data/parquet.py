@@ -4,7 +4,7 @@ Example::
 
     dataset = ParquetDataset(files, config.data, batch_size=1024, rank=rank, world_size=world)
     dataset.set_epoch(epoch)
-    for batch in make_dataloader(dataset, num_workers=2):
+    for batch in make_dataloader(dataset, num_workers=0):
         ...  # exactly dataset.steps_per_epoch() batches of exactly 1024 rows
 
 Sharding and padding policy (equal steps on every rank, so no collective waits on a rank that
@@ -23,63 +23,101 @@ ran out of data, and every row is read exactly once per epoch):
 * ``shuffle_buffer`` > 0: a worker permutes the real rows of ``ceil(shuffle_buffer / B)``
   consecutive batches (seeded by seed, epoch, rank, worker) and splits them back with the same
   real-row count per batch, so padding stays where it was.
+* Workers hand their batches over ``WORKER_BATCHES`` (8) at a time, on a grid from their
+  stretch's start; the DataLoader takes one such item from each worker in turn (skipping
+  exhausted ones).
 * Resume: ``set_epoch(epoch, start_batch=k)`` yields exactly the batches an uninterrupted epoch
-  yields after its first k, in the same order, for the same ``num_workers``. The DataLoader takes
-  one batch from each worker in turn (skipping exhausted ones), so the first k batches are a known
-  number from each worker's stretch (``resume_plan``); each worker skips its share without reading
-  it (with ``shuffle_buffer``, up to the start of its shuffle group, which must be re-read), and
-  the workers' roles are rotated so that the turn continues with the worker that was next.
+  yields after its first k, in the same order, for the same ``num_workers``. The first k batches
+  are a known number from each worker's stretch (``resume_plan``); each worker skips its share
+  without reading it (with ``shuffle_buffer``, up to the start of its shuffle group, which must
+  be re-read), and the workers' roles are rotated so that the turn continues with the worker
+  that was next, with the rest of its item.
+  ``num_workers`` 0 reads in the trainer's process: one stretch, in order.
 
-Memory: only the configured columns are read, one row group at a time in slices of about a batch,
-so a worker holds a few batches plus one row group's column chunks, whatever the data size. The
-dataset object holds only file names and row-group sizes.
+Reading (the fast path): the rows of a stretch are cut into decode units, consecutive row groups
+of one file holding at least ``read_rows`` rows (32,768). A small pool of threads (as many as
+Arrow's CPU pool in the trainer's process, one in a DataLoader worker) decodes the next units
+ahead, in order, each with one Arrow ``iter_batches`` call in chunks of ``read_rows`` rows that
+may span row groups; Arrow decodes without the GIL. A second thread converts each chunk once,
+vectorised over all its rows (``ParquetDataset._convert``: ids, lengths, dense, labels,
+validation), and lays the batches it completes out together in their final buffers
+(``ParquetDataset._layout``: per batch one int64 buffer of ids and int32 lengths, one float32
+buffer of dense, labels and weights, padding included), each :class:`Batch` views of them made
+by a few torch calls per chunk. Lengths stay int32 from the Parquet offsets to the
+KeyedJaggedTensor. Meanwhile the consumer trains on the batches before. In a DataLoader worker
+each batch's two buffers are numpy views, pickled as two byte strings through the worker's pipe
+(``WORKER_BATCHES`` batches per message): a batch crosses processes once, and no shared-memory
+segment or file descriptor is handed over per tensor.
 
-Cross features (``data.cross``): computed per slice from the raw ids of the cross fields with
+Memory: only the configured columns are read; a reader holds a few units and chunks (decoding,
+decoded, converted, laid out, being consumed), whatever the data size.
+The dataset object holds only file names and row-group sizes.
+
+Cross features (``data.cross``): computed per chunk from the raw ids of the cross fields with
 ``hash_pairs`` (vectorised, no per-row Python) and appended after the sparse features, one id per
-real row. ``permute_feature`` (permutation importance): that feature's bags are permuted among the
-rows of each read slice (up to ``max(B, 1024)`` consecutive rows; fewer where a row group, a rank's
-or a worker's range ends), before the crosses are computed, so a permuted field's crosses change
-with it. The permutation is seeded by the seed, the file's index and the slice's first row, so a
-pass with the same files, world size and workers permutes the same way.
+real row. ``permute_feature`` (permutation importance): that feature's bags are permuted among
+blocks of up to ``max(B, 1024)`` consecutive rows from each row group's start (fewer where a row
+group, a rank's or a worker's range ends), before the crosses are computed, so a permuted
+field's crosses change with it. Each block's permutation is seeded by the seed, the epoch, the
+file's index and the block's first row, so a pass with the same files, world size and workers
+permutes the same way.
 
 Validation: column presence and types are checked from the footers when the dataset is built
 (``inspect_files``); values while reading. Ids must be non-null (single-hot values, lists and
 list elements), and inside the table for ``id_mode: check``; labels exactly 0 or 1; dense values
 non-null (NaN passes through unchanged). A violation raises ``DataError`` naming the file, row
-group, column, row within the file, the value and what was expected.
+group, column, row within the file, the value and what was expected; raised in the reading
+thread, it reaches the consumer at the batch where it happened.
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
+import collections
+import concurrent.futures
+import contextlib
 import copy
 import functools
-import itertools
 import multiprocessing
 import multiprocessing.context
 import os
+import queue
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from towerrec.data.batch import Batch, PackedBatch
 from towerrec.data.config import DataConfig, SparseFeatureConfig
+from towerrec.data.errors import DataError  # one class for the whole data path (re-exported)
 from towerrec.data.hashing import hash_ids, hash_pairs
 
-# Arrow record batches are read in slices of at least this many rows: small batch sizes then
-# still convert in vectorised blocks. Memory stays O(max(B, _MIN_READ_ROWS)) rows per slice.
-_MIN_READ_ROWS = 1024
+# Rows decoded and converted at a time by default (one Arrow record batch, which may span row
+# groups of a file): per-chunk Python costs nothing next to decoding them, and the few chunks in
+# flight stay a few tens of MB.
+READ_ROWS = 32768
+# permute_feature permutes bags within blocks of max(B, PERMUTE_ROWS) rows of a row group.
+PERMUTE_ROWS = 1024
+# A DataLoader worker hands its batches over this many at a time (one pickled message, a fixed
+# grid from its stretch's start that resume_plan follows): each message costs a pipe write and
+# several context switches, which one batch at a time would pay per batch.
+WORKER_BATCHES = 8
 
+# Decoding threads at most: beyond a few, converting (one thread) is the bound, and each one
+# holds a decoded unit.
+MAX_DECODERS = 4
+# Name prefix of the decoding threads (tests look for them).
+_DECODE_THREADS = "towerrec-loader-decode"
 
-class DataError(ValueError):
-    """Bad input data; the message names file, row group, column, row, value and expectation."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,16 +190,26 @@ def inspect_files(files: list[str], data: DataConfig, labels: bool = True) -> li
 
 
 class _Where(NamedTuple):
-    """Where a slice of rows came from, for error messages."""
+    """Where the rows of a chunk came from, for error messages: one file, and the pieces of row
+    groups the chunk's rows span, in chunk order (a chunk may span several row groups)."""
 
     path: str
-    row_group: int
-    first_row: int  # row index within the file of the slice's row 0
+    file: int  # index in the dataset's sorted files
+    starts: tuple[int, ...]  # chunk row of each piece's first row; starts[0] == 0
+    row_groups: tuple[int, ...]  # row group of each piece
+    first_rows: tuple[int, ...]  # row within the file of each piece's first row
+    group_first_rows: tuple[int, ...]  # row within the file of each piece's row group's first row
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(row group, row within the file) of the chunk's row ``index``."""
+        piece = bisect.bisect_right(self.starts, index) - 1
+        return self.row_groups[piece], self.first_rows[piece] + index - self.starts[piece]
 
     def error(self, column: str, index: int, value: object, expected: str, note: str = "") -> DataError:
+        row_group, row = self.locate(index)
         return DataError(
-            f"{self.path}: row group {self.row_group}, column {column!r}, "
-            f"row {self.first_row + index}: value {value!r}{note}; expected {expected}"
+            f"{self.path}: row group {row_group}, column {column!r}, "
+            f"row {row}: value {value!r}{note}; expected {expected}"
         )
 
 
@@ -169,23 +217,65 @@ def _first(mask: pa.Array | np.ndarray) -> int:
     return int(np.argmax(np.asarray(mask)))
 
 
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """``[0, cumsum(lengths)]`` as int64: where each row's bag starts, and the end."""
+    out = np.empty(len(lengths) + 1, np.int64)
+    out[0] = 0
+    np.cumsum(lengths, dtype=np.int64, out=out[1:])
+    return out
+
+
 @dataclass
 class _Rows:
-    """Columnar numpy rows between reading and batching; jagged ids kept per feature."""
+    """Converted rows between reading and batching, columnar. Slices are views (O(features)).
 
-    values: list[np.ndarray]  # per sparse feature, int64 ids of all rows
-    lengths: list[np.ndarray]  # per sparse feature, int32 [n]
+    Sparse feature k: for a feature with one id per row (single-hot, crosses) ``offsets[k]`` and
+    ``lengths[k]`` are None and ``values[k]`` holds exactly the rows' ids; otherwise row i's ids
+    are ``values[k][offsets[k][i] : offsets[k][i + 1]]``, and a slice shares ``values[k]`` and
+    views ``offsets[k]``, whose first entry is then not 0.
+    """
+
+    values: list[np.ndarray]  # per sparse feature, int64 ids
+    offsets: list[np.ndarray | None]  # per sparse feature, int64 [n + 1] positions in values
+    lengths: list[np.ndarray | None]  # per sparse feature, int32 [n] bag sizes
     dense: np.ndarray  # [n, D] float32
     labels: np.ndarray  # [T, n] float32, one row per distinct label column
+
+    @staticmethod
+    def build(
+        values: list[np.ndarray],
+        lengths: list[np.ndarray | None],
+        dense: np.ndarray,
+        labels: np.ndarray,
+        offsets: list[np.ndarray | None] | None = None,
+    ) -> "_Rows":
+        """Rows from each feature's flat int64 ids and int32 bag sizes (None: one id per row);
+        ``offsets``: the bags' positions where known already (else computed from the sizes)."""
+        if offsets is None:
+            offsets = [None] * len(values)
+        offsets = [
+            o if o is not None or n is None else _offsets(n) for o, n in zip(offsets, lengths, strict=True)
+        ]
+        return _Rows(values, offsets, lengths, dense, labels)
 
     def __len__(self) -> int:
         return self.dense.shape[0]
 
+    def ids(self, k: int) -> np.ndarray:
+        """The flat ids of sparse feature ``k`` of these rows (a view)."""
+        offsets = self.offsets[k]
+        return self.values[k] if offsets is None else self.values[k][offsets[0] : offsets[-1]]
+
+    def bag_lengths(self, k: int) -> np.ndarray:
+        """Sparse feature ``k``'s int32 bag size of each row."""
+        lengths = self.lengths[k]
+        return np.ones(len(self), np.int32) if lengths is None else lengths
+
     @staticmethod
     def empty(num_sparse: int, num_dense: int, num_labels: int) -> "_Rows":
-        return _Rows(
+        return _Rows.build(
             [np.zeros(0, np.int64) for _ in range(num_sparse)],
-            [np.zeros(0, np.int32) for _ in range(num_sparse)],
+            [None] * num_sparse,
             np.zeros((0, num_dense), np.float32),
             np.zeros((num_labels, 0), np.float32),
         )
@@ -194,24 +284,31 @@ class _Rows:
     def concat(parts: list["_Rows"]) -> "_Rows":
         if len(parts) == 1:
             return parts[0]
-        return _Rows(
-            [np.concatenate(v) for v in zip(*(p.values for p in parts), strict=True)],
-            [np.concatenate(n) for n in zip(*(p.lengths for p in parts), strict=True)],
+        features = range(len(parts[0].values))
+        single = [all(p.lengths[k] is None for p in parts) for k in features]
+        return _Rows.build(
+            [np.concatenate([p.ids(k) for p in parts]) for k in features],
+            [None if single[k] else np.concatenate([p.bag_lengths(k) for p in parts]) for k in features],
             np.concatenate([p.dense for p in parts]),
             np.concatenate([p.labels for p in parts], axis=1),
         )
 
     def slice(self, start: int, stop: int) -> "_Rows":
-        values = []
-        for v, n in zip(self.values, self.lengths, strict=True):
-            begin = int(n[:start].sum())
-            values.append(v[begin : begin + int(n[start:stop].sum())])
-        lengths = [n[start:stop] for n in self.lengths]
-        return _Rows(values, lengths, self.dense[start:stop], self.labels[:, start:stop])
+        return _Rows(
+            [v[start:stop] if o is None else v for v, o in zip(self.values, self.offsets, strict=True)],
+            [None if o is None else o[start : stop + 1] for o in self.offsets],
+            [None if n is None else n[start:stop] for n in self.lengths],
+            self.dense[start:stop],
+            self.labels[:, start:stop],
+        )
 
     def take(self, index: np.ndarray) -> "_Rows":
-        values = [_take_bags(v, n, index) for v, n in zip(self.values, self.lengths, strict=True)]
-        return _Rows(values, [n[index] for n in self.lengths], self.dense[index], self.labels[:, index])
+        values = [
+            self.values[k][index] if n is None else _take_bags(self.ids(k), n, index)
+            for k, n in enumerate(self.lengths)
+        ]
+        lengths = [None if n is None else n[index] for n in self.lengths]
+        return _Rows.build(values, lengths, self.dense[index], self.labels[:, index])
 
 
 def _take_bags(values: np.ndarray, lengths: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -224,31 +321,34 @@ def _take_bags(values: np.ndarray, lengths: np.ndarray, index: np.ndarray) -> np
     return values[gather]
 
 
-def _ids(
+def _sparse(
     column: pa.Array, feature: SparseFeatureConfig, where: _Where
-) -> tuple[pa.Array, np.ndarray, np.ndarray | None]:
-    """(flat id array, lengths int32, offsets or None for single-hot); rejects nulls."""
+) -> tuple[pa.Array, np.ndarray | None, np.ndarray | None]:
+    """(flat ids as read; int32 bag sizes and int64 offsets ``[n + 1]`` of a list column, or None
+    and None for one id per row); rejects nulls. The offsets come from Arrow's, no cumsum."""
     name = feature.name
     if not feature.multi_hot:
         if column.null_count:
             raise where.error(name, _first(column.is_null()), None, "a non-null integer id")
-        return column, np.ones(len(column), np.int32), None
-    lengths = column.value_lengths()
-    if lengths.null_count:
-        raise where.error(name, _first(lengths.is_null()), None, "a list of ids, not a null list")
+        return column, None, None
+    if column.null_count:
+        raise where.error(name, _first(column.is_null()), None, "a list of ids, not a null list")
+    positions = column.offsets.to_numpy()  # int32 or int64 [n + 1], honours the slice offset
+    offsets = np.subtract(positions, positions[0], dtype=np.int64)
+    lengths = np.diff(positions).astype(np.int32, copy=False)
     flat = column.flatten()  # honours the slice offset, unlike .values
-    lengths_np = lengths.to_numpy().astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths_np, dtype=np.int64)])
     if flat.null_count:
         k = _first(flat.is_null())
         row = int(np.searchsorted(offsets, k, side="right")) - 1
         raise where.error(
             name, row, column[row].as_py(), "non-null ids", f" (element {k - offsets[row]} is null)"
         )
-    return flat, lengths_np, offsets
+    return flat, lengths, offsets
 
 
 def _raw_ids(flat: pa.Array) -> np.ndarray:
+    if flat.type == pa.int64():
+        return flat.to_numpy()  # zero-copy, read-only: never written to
     # Wrapping cast: uint64 ids keep their bits (hash mode) or turn negative (rejected by check).
     return flat.cast(pa.int64(), safe=False).to_numpy()
 
@@ -264,9 +364,8 @@ def _map_ids(
     """Table rows of the raw ``ids`` (``flat`` as read, for error messages)."""
     if feature.id_mode == "hash":
         return hash_ids(ids, size)
-    bad = (ids < 0) | (ids >= size)
-    if bad.any():
-        k, note = _first(bad), ""
+    if len(ids) and (ids.min() < 0 or ids.max() >= size):  # two reductions, no temporaries
+        k, note = _first((ids < 0) | (ids >= size)), ""
         row = k if offsets is None else int(np.searchsorted(offsets, k, side="right")) - 1
         if offsets is not None:
             note = f" (element {k - offsets[row]} of the row's list)"
@@ -284,18 +383,20 @@ def _map_ids(
 def _dense(column: pa.Array, name: str, where: _Where) -> np.ndarray:
     if column.null_count:
         raise where.error(name, _first(column.is_null()), None, "a non-null number (NaN is allowed)")
-    return column.to_numpy().astype(np.float32, copy=False)
+    return column.to_numpy()  # cast to float32 by the caller's assignment
 
 
 def _label(column: pa.Array, name: str, where: _Where) -> np.ndarray:
     if column.null_count:
         raise where.error(name, _first(column.is_null()), None, "a label of exactly 0 or 1")
     y = column.to_numpy(zero_copy_only=False)  # bool columns are bit-packed in Arrow
+    if y.dtype.kind in "iu" and len(y) and y.min() >= 0 and y.max() <= 1:
+        return y  # the usual case, in two reductions
     bad = (y != 0) & (y != 1)  # in the original dtype, so 1.0000001 is not rounded to 1
     if bad.any():
         k = _first(bad)
         raise where.error(name, k, column[k].as_py(), "a label of exactly 0 or 1")
-    return y.astype(np.float32)
+    return y
 
 
 class _RowGroup(NamedTuple):
@@ -313,13 +414,19 @@ def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng([p % 2**64 for p in parts])
 
 
-def resume_plan(steps: int, workers: int, start_batch: int) -> tuple[int, list[int]]:
+def resume_plan(steps: int, workers: int, start_batch: int, item: int | None = None) -> tuple[int, list[int]]:
     """Where an epoch of ``steps`` batches over ``workers`` DataLoader workers stands after the
     loader yielded ``start_batch`` of them: ``(next worker, batches taken from each worker)``.
 
-    Worker w holds the stretch ``[w*S//nw, (w+1)*S//nw)``; the DataLoader takes one batch from
-    each worker in turn and skips exhausted workers.
+    Worker w holds the stretch ``[w*S//nw, (w+1)*S//nw)`` and hands it over in items of
+    ``item`` batches (default :data:`WORKER_BATCHES`), counted from its stretch's start; the
+    DataLoader takes one item from each worker in turn and skips exhausted workers.
+
+    Example::
+
+        resume_plan(7, 2, 5, item=2)   # (1, [4, 1]): worker 0 gave 2+2, worker 1 is one into its first
     """
+    item = WORKER_BATCHES if item is None else item
     workers = max(workers, 1)
     lengths = [(w + 1) * steps // workers - w * steps // workers for w in range(workers)]
     taken, w = [0] * workers, 0
@@ -327,53 +434,199 @@ def resume_plan(steps: int, workers: int, start_batch: int) -> tuple[int, list[i
         while taken[w] >= lengths[w]:
             w = (w + 1) % workers
         taken[w] += 1
-        w = (w + 1) % workers
+        if taken[w] % item == 0 or taken[w] == lengths[w]:  # its item is complete: the next one's turn
+            w = (w + 1) % workers
     while start_batch < steps and taken[w] >= lengths[w]:
         w = (w + 1) % workers
     return w, taken
 
 
-def _rebatch(chunks: Iterator[_Rows], counts: list[int], empty: _Rows) -> Iterator[_Rows]:
-    """Cut the row stream into pieces of exactly ``counts[i]`` rows (0 allowed)."""
-    pending, have = [], 0
-    for count in counts:
-        while have < count:
-            chunk = next(chunks, None)
-            if chunk is None:
-                raise RuntimeError(f"read {have} rows, {count} needed: files changed while reading?")
-            pending.append(chunk)
-            have += len(chunk)
-        rows = _Rows.concat(pending) if pending else empty
-        rest = rows.slice(count, len(rows))
-        pending, have = ([rest] if len(rest) else []), len(rest)
-        yield rows.slice(0, count)
+class _Run(NamedTuple):
+    """The real rows of consecutive batches: ``counts[j]`` rows of batch j, one after the other."""
+
+    rows: _Rows
+    counts: list[int]
+
+    def split(self, batches: int) -> tuple["_Run", "_Run"]:
+        """The first ``batches`` batches, and the rest."""
+        cut = sum(self.counts[:batches])
+        return (
+            _Run(self.rows.slice(0, cut), self.counts[:batches]),
+            _Run(self.rows.slice(cut, len(self.rows)), self.counts[batches:]),
+        )
 
 
-def _shuffle(batches: Iterator[_Rows], group: int, rng: np.random.Generator) -> Iterator[_Rows]:
-    """Permute the rows of ``group`` consecutive pieces; each piece keeps its row count."""
-    buffer: list[_Rows] = []
-    for rows in batches:
-        buffer.append(rows)
-        if len(buffer) == group:
-            yield from _permute(buffer, rng)
-            buffer = []
-    if buffer:
-        yield from _permute(buffer, rng)
+def _rebatch(chunks: Iterator[_Rows], counts: list[int], empty: _Rows) -> Iterator[_Run]:
+    """Cut the row stream into batches of exactly ``counts[i]`` real rows (0 allowed), yielded as
+    runs: the whole batches inside a chunk are one run of views of it; a batch across a chunk
+    boundary is a run of its own, copied once."""
+    i, pending, have = 0, [], 0
+    for chunk in chunks:
+        pos, n = 0, len(chunk)
+        if pending:  # finish the batch begun in the previous chunks
+            need = counts[i] - have
+            if need > n:
+                pending.append(chunk)
+                have += n
+                continue
+            yield _Run(_Rows.concat(pending + [chunk.slice(0, need)]), [counts[i]])
+            pending, have, pos, i = [], 0, need, i + 1
+        end, j = pos, i
+        while j < len(counts) and counts[j] <= n - end:
+            end, j = end + counts[j], j + 1
+        if j > i:
+            yield _Run(chunk.slice(pos, end), counts[i:j])
+            pos, i = end, j
+        if pos < n:
+            if i == len(counts):
+                raise RuntimeError(f"read {n - pos} rows more than the {sum(counts)} needed: files changed?")
+            pending, have = [chunk.slice(pos, n)], n - pos
+    if have or any(counts[i:]):
+        raise RuntimeError(f"read {have} rows, {counts[i]} needed: files changed while reading?")
+    if i < len(counts):
+        yield _Run(empty, counts[i:])  # padding-only batches after the rank's last row
 
 
-def _permute(parts: list[_Rows], rng: np.random.Generator) -> Iterator[_Rows]:
+def _shuffle(runs: Iterator[_Run], group: int, rng: np.random.Generator) -> Iterator[_Run]:
+    """Permute the rows of each ``group`` consecutive batches; each batch keeps its row count."""
+    parts: list[_Rows] = []
+    counts: list[int] = []
+    for run in runs:
+        while run.counts:
+            head, run = run.split(group - len(counts))
+            parts.append(head.rows)
+            counts += head.counts
+            if len(counts) == group:
+                yield _permute(parts, counts, rng)
+                parts, counts = [], []
+    if counts:
+        yield _permute(parts, counts, rng)
+
+
+def _permute(parts: list[_Rows], counts: list[int], rng: np.random.Generator) -> _Run:
     rows = _Rows.concat(parts)
-    rows = rows.take(rng.permutation(len(rows)))
-    start = 0
-    for part in parts:
-        yield rows.slice(start, start + len(part))
-        start += len(part)
+    return _Run(rows.take(rng.permutation(len(rows))), counts)
+
+
+def _drop(runs: Iterator[_Run], count: int) -> Iterator[_Run]:
+    """The batches after the first ``count``."""
+    for run in runs:
+        if count >= len(run.counts):
+            count -= len(run.counts)
+            continue
+        yield run.split(count)[1] if count else run
+        count = 0
+
+
+_ITEM, _ERROR, _END = range(3)
+# Stop flag -> (thread, queue) of each prefetch thread alive in this process (end_workers stops
+# them).
+_PREFETCHERS: dict[threading.Event, tuple[threading.Thread, queue.Queue]] = {}
+
+
+def _prefetch(produce: Callable[[], Iterator[T]], depth: int = 1) -> Iterator[T]:
+    """``produce()``'s items, made in a daemon thread up to ``depth`` items ahead of the consumer:
+    Parquet decoding (Arrow releases the GIL), numpy conversion and batch building overlap what
+    the consumer does with the previous items.
+
+    The producer's exception is raised in the consumer, at the item where it happened. Leaving
+    the loop early (``close``, an error, the generator collected) stops the thread and joins it;
+    :func:`end_workers` stops those still alive at exit.
+
+    Example::
+
+        for chunk in _prefetch(lambda: dataset._read(0, 4096, use_threads=True)): ...
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_produce, args=(produce, items, stop), name="towerrec-loader-prefetch", daemon=True
+    )
+    _PREFETCHERS[stop] = (thread, items)
+    thread.start()
+    try:
+        while True:
+            try:
+                kind, item = items.get(timeout=1.0)
+            except queue.Empty:
+                if stop.is_set() and not thread.is_alive():  # stopped from outside (end_workers)
+                    raise RuntimeError("the loader's reading thread was stopped (end_workers)") from None
+                continue
+            if kind == _ITEM:
+                yield item
+            elif kind == _ERROR:
+                raise item
+            else:
+                return
+    finally:
+        _stop_prefetch(stop, thread, items)
+
+
+def _produce(produce: Callable[[], Iterator[T]], items: queue.Queue, stop: threading.Event) -> None:
+    def put(entry: tuple[int, object]) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        source = produce()
+        try:
+            for item in source:
+                if not put((_ITEM, item)):
+                    return
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # in this thread: a generator closes where it runs (open files, readers)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+        put((_ERROR, e))
+        return
+    put((_END, None))
+
+
+def _stop_prefetch(
+    stop: threading.Event, thread: threading.Thread, items: queue.Queue, timeout: float = 30.0
+) -> None:
+    """Stop a prefetch thread and join it (it notices at its next item, after the chunk it may
+    be decoding). A consumer still waiting then gets an error instead of waiting forever."""
+    stop.set()
+    if thread is threading.current_thread():  # collected by the garbage collector in that thread
+        return
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):  # make room for a producer waiting to put
+            items.get_nowait()
+        thread.join(0.01)
+    _PREFETCHERS.pop(stop, None)
+
+
+def _flatten(blocks: Iterator[list[T]]) -> Iterator[T]:
+    """The items of each list; closing it closes ``blocks`` (and so stops their thread)."""
+    try:
+        for items in blocks:
+            yield from items
+    finally:
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
 
 
 def _check_sparse_feature(data: DataConfig, name: str) -> None:
     names = data.sparse_feature_names
     if name not in names:
         raise ValueError(f"permute_feature: {name!r} is not a sparse feature; features: {names}")
+
+
+class _Piece(NamedTuple):
+    """Rows ``[begin, stop)`` of one row group, read as part of a run of one file's row groups."""
+
+    group: _RowGroup
+    begin: int
+    stop: int
 
 
 class ParquetDataset(IterableDataset[Batch]):
@@ -385,6 +638,8 @@ class ParquetDataset(IterableDataset[Batch]):
         ds.steps_per_epoch()           # the same on all four ranks
         ds.set_epoch(3)                # before creating the loader's iterator
         batch = next(iter(ds))         # Batch of 512 rows; padding rows have weight 0
+
+    ``read_rows``: rows decoded and converted at a time (a chunk; a reader holds a few).
 
     Raises:
         DataError: at construction for a missing column, a wrong type or no rows at all; while
@@ -404,6 +659,7 @@ class ParquetDataset(IterableDataset[Batch]):
         shuffle_row_groups: bool = False,
         labels: bool = True,
         permute_feature: str | None = None,
+        read_rows: int = READ_ROWS,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -412,6 +668,8 @@ class ParquetDataset(IterableDataset[Batch]):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if read_rows <= 0:
+            raise ValueError(f"read_rows must be positive, got {read_rows}")
         self.data = data
         self.batch_size = batch_size
         self.rank = rank
@@ -419,6 +677,7 @@ class ParquetDataset(IterableDataset[Batch]):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.shuffle_row_groups = shuffle_row_groups
+        self.read_rows = read_rows
         self.epoch = 0
         self.start_batch = 0
         self.files = sorted(files)
@@ -430,6 +689,10 @@ class ParquetDataset(IterableDataset[Batch]):
         self._label_columns = list(dict.fromkeys(data.label_columns)) if labels else []
         self._columns = list(dict.fromkeys(c for c, _ in _column_roles(data, labels)))
         self._table_size = {t.name: t.num_embeddings for t in data.tables}
+        self._keys = tuple(data.feature_names)
+        self._tasks = tuple(t.name for t in data.tasks)
+        # Row of each task's label among the labels read (none read: all-zero labels).
+        self._task_rows = [self._label_columns.index(t.label) for t in data.tasks] if labels else []
         if permute_feature is not None:
             _check_sparse_feature(data, permute_feature)
         self.permute_feature = permute_feature
@@ -502,12 +765,34 @@ class ParquetDataset(IterableDataset[Batch]):
         return ranges, self.shuffle_buffer > 0
 
     def __iter__(self) -> Iterator[Batch]:
-        return (packed.unpack() for packed in self.packed_batches())
+        """This rank's batches, read in this process: threads decode, convert and lay out the
+        next chunk's batches while the consumer works on the last ones."""
+        return self._iterate(0, 1, unpack=True)
 
     def packed_batches(self) -> Iterator[PackedBatch]:
-        """This rank's (and, inside a DataLoader worker, this worker's) batches, packed."""
+        """This rank's (inside a DataLoader worker: this worker's) batches, packed for the hop."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self._iterate(worker, workers, unpack=False)
+
+    def _iterate(self, worker: int, workers: int, unpack: bool) -> Iterator:
+        # A snapshot when the iterator is made: set_epoch for the next epoch must not change an
+        # epoch being read (a pipeline may still hold the last one's iterator).
+        snapshot = copy.copy(self)
+        # Arrow's decoding threads only in the main process: workers already are the parallelism.
+        use_threads = get_worker_info() is None
+        return _flatten(_prefetch(functools.partial(snapshot._blocks, worker, workers, use_threads, unpack)))
+
+    def _blocks(
+        self, worker: int, workers: int, use_threads: bool, unpack: bool
+    ) -> Iterator[list[Batch] | list[PackedBatch]]:
+        """Runs in the prefetch thread: the batches of each run of ``_batch_runs``, laid out."""
+        for run in self._batch_runs(worker, workers, use_threads):
+            layout = self._layout(run)
+            yield self._batches(layout) if unpack else self._packed(layout)
+
+    def _batch_runs(self, worker: int, workers: int, use_threads: bool) -> Iterator[_Run]:
+        """The real rows of worker ``worker``'s batches (module docstring), as runs."""
         steps, size = self.steps_per_epoch(), self.batch_size
         # On resume this worker plays the stretch (role) of the worker whose turn comes next.
         rotation, taken = resume_plan(steps, workers, self.start_batch)
@@ -525,16 +810,11 @@ class ParquetDataset(IterableDataset[Batch]):
             for g in range(0, read_from, group):  # replay the skipped groups' draws, no reading
                 rng.permutation(sum(counts[g : g + group]))
         lo, hi = min(start + (first + read_from) * size, end), min(start + last * size, end)
-        # Decoding threads only in the main process: workers already are the parallelism.
-        chunks = self._read(lo, hi, use_threads=info is None)
-        empty = _Rows.empty(
-            len(self.data.feature_names), len(self.data.dense_features), len(self._label_columns)
-        )
-        pieces = _rebatch(chunks, counts[read_from:], empty)
+        empty = _Rows.empty(len(self._keys), len(self.data.dense_features), len(self._label_columns))
+        runs = _rebatch(self._read(lo, hi, use_threads), counts[read_from:], empty)
         if rng is not None:
-            pieces = _shuffle(pieces, group, rng)
-        for rows in itertools.islice(pieces, skip - read_from, None):
-            yield self._pack(rows)
+            runs = _shuffle(runs, group, rng)
+        return _drop(runs, skip - read_from)
 
     def _row_groups(self) -> list[_RowGroup]:
         groups = []
@@ -549,151 +829,329 @@ class ParquetDataset(IterableDataset[Batch]):
             groups = [groups[i] for i in order]
         return groups
 
-    def _read(self, lo: int, hi: int, use_threads: bool) -> Iterator[_Rows]:
-        """Validated rows ``[lo, hi)`` of the epoch's global order, a slice at a time."""
-        offset, opened, parquet = 0, -1, None
-        try:
-            for group in self._row_groups():
-                begin, stop = max(lo, offset) - offset, min(hi, offset + group.rows) - offset
-                offset += group.rows
-                if begin < stop:
-                    if group.file != opened:  # consecutive row groups share the open file
-                        if parquet is not None:
-                            parquet.close()
-                        opened, parquet = group.file, pq.ParquetFile(self.files[group.file])
-                    yield from self._read_row_group(parquet, group, begin, stop, use_threads)
-                if offset >= hi:
-                    break
-        finally:
-            if parquet is not None:
-                parquet.close()
-
-    def _read_row_group(
-        self, parquet: pq.ParquetFile, group: _RowGroup, begin: int, stop: int, use_threads: bool
-    ) -> Iterator[_Rows]:
-        path = self.files[group.file]
-        pos = 0
-        for record_batch in parquet.iter_batches(
-            batch_size=max(self.batch_size, _MIN_READ_ROWS),
-            row_groups=[group.index],
-            columns=self._columns,
-            use_threads=use_threads,
-        ):
-            n = record_batch.num_rows
-            a, b = max(begin - pos, 0), min(stop - pos, n)
-            if a < b:
-                where = _Where(path, group.index, group.first_row + pos + a)
-                yield self._convert(record_batch.slice(a, b - a), where)
-            pos += n
-            if pos >= stop:
+    def _units(self, lo: int, hi: int) -> list[list[_Piece]]:
+        """Rows ``[lo, hi)`` of the epoch's global order as decode units: consecutive (in that
+        order) row groups of one file, added to a unit until it holds ``read_rows`` rows. Each
+        unit is one Arrow read, whose chunks may span its groups; units decode independently."""
+        units: list[list[_Piece]] = []
+        rows, offset = 0, 0
+        for group in self._row_groups():
+            begin, stop = max(lo, offset) - offset, min(hi, offset + group.rows) - offset
+            offset += group.rows
+            if begin < stop:
+                # permute_feature: one group per read, so that no chunk splits a block.
+                same = units and units[-1][-1].group.file == group.file and self.permute_feature is None
+                if same and rows < self.read_rows:
+                    units[-1].append(_Piece(group, begin, stop))
+                    rows += stop - begin
+                else:
+                    units.append([_Piece(group, begin, stop)])
+                    rows = stop - begin
+            if offset >= hi:
                 break
+        return units
+
+    def _read(self, lo: int, hi: int, use_threads: bool) -> Iterator[_Rows]:
+        """Converted rows ``[lo, hi)`` of the epoch's global order, a chunk at a time. Decode
+        units are decoded ahead, in order, by as many threads as Arrow's CPU pool has, up to
+        ``MAX_DECODERS`` (``use_threads``; else one): Arrow decodes without the GIL, so they run
+        in parallel."""
+        decoders = min(max(1, pa.cpu_count()), MAX_DECODERS) if use_threads else 1
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        footers: dict[int, pq.FileMetaData] = {}  # read once per file, in this thread
+        with concurrent.futures.ThreadPoolExecutor(decoders, thread_name_prefix=_DECODE_THREADS) as pool:
+            try:
+                for unit in self._units(lo, hi) + [None]:
+                    if unit is not None:
+                        file = unit[0].group.file
+                        if file not in footers:
+                            footers[file] = pq.read_metadata(self.files[file])
+                        pending.append(pool.submit(self._decode_unit, unit, footers[file]))
+                    while pending and (len(pending) > decoders or unit is None):
+                        for record_batch, where in pending.popleft().result():
+                            yield self._convert(record_batch, where)
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _decode_unit(
+        self, unit: list[_Piece], footer: pq.FileMetaData
+    ) -> list[tuple[pa.RecordBatch, _Where]]:
+        """The decoded rows of a unit, in chunks of up to ``read_rows`` rows (in a pool thread)."""
+        # Positions in the unit's row stream: group j holds [starts[j], starts[j + 1]).
+        starts = np.cumsum([0] + [p.group.rows for p in unit]).tolist()
+        keep_lo, keep_hi = unit[0].begin, starts[-2] + unit[-1].stop  # the middle groups are whole
+        chunk = self.read_rows
+        if self.permute_feature is not None:  # a multiple of the permutation block
+            block = max(self.batch_size, PERMUTE_ROWS)
+            chunk = max(block, chunk // block * block)
+        out, pos = [], 0
+        with pq.ParquetFile(self.files[unit[0].group.file], metadata=footer) as parquet:
+            for record_batch in parquet.iter_batches(
+                batch_size=chunk,
+                row_groups=[p.group.index for p in unit],
+                columns=self._columns,
+                use_threads=False,  # the units are the parallelism
+            ):
+                n = record_batch.num_rows
+                a, b = max(keep_lo - pos, 0), min(keep_hi - pos, n)
+                if a < b:
+                    rows = record_batch if b - a == n else record_batch.slice(a, b - a)
+                    out.append((rows, self._where(unit, starts, pos + a, pos + b)))
+                pos += n
+                if pos >= keep_hi:
+                    break
+        return out
+
+    def _where(self, unit: list[_Piece], starts: list[int], lo: int, hi: int) -> _Where:
+        """The row groups of the unit's rows ``[lo, hi)`` (positions in the unit's row stream)."""
+        j = bisect.bisect_right(starts, lo) - 1
+        pieces = []
+        while j < len(unit) and starts[j] < hi:
+            at = max(starts[j], lo)
+            group = unit[j].group
+            pieces.append((at - lo, group.index, group.first_row + at - starts[j], group.first_row))
+            j += 1
+        chunk_starts, row_groups, first_rows, group_first_rows = zip(*pieces, strict=True)
+        file = unit[0].group.file
+        return _Where(self.files[file], file, chunk_starts, row_groups, first_rows, group_first_rows)
 
     def _convert(self, rb: pa.RecordBatch, where: _Where) -> _Rows:
-        values, lengths = [], []
+        """The per-chunk step: Arrow columns of N rows (a chunk of many batches) to each sparse
+        feature's int64 ids and int32 bag sizes (None: one id per row), dense float32 [N, D] and
+        labels float32 [T, N], validated. Vectorised over the chunk, run in the reading thread;
+        per-column transforms belong here (``_Rows.build`` takes ids and sizes)."""
+        n = rb.num_rows
+        values, lengths, offsets = [], [], []
         cross = self.data.cross
         raw: dict[str, np.ndarray] = {}  # raw ids of the cross fields
         for feature in self.data.sparse_features:
-            flat, feature_lengths, offsets = _ids(rb.column(feature.name), feature, where)
+            flat, feature_lengths, feature_offsets = _sparse(rb.column(feature.name), feature, where)
             raw_ids = _raw_ids(flat)
-            ids = _map_ids(raw_ids, flat, offsets, feature, self._table_size[feature.table], where)
+            ids = _map_ids(raw_ids, flat, feature_offsets, feature, self._table_size[feature.table], where)
             if cross is not None and feature.name in cross.fields:
                 raw[feature.name] = raw_ids
             if feature.name == self.permute_feature:
-                # Seeded by the slice's position, so every pass permutes the same way.
-                file_index = self.files.index(where.path)
-                perm = _rng(self.seed, self.epoch, file_index, where.first_row).permutation(rb.num_rows)
-                ids, feature_lengths = _take_bags(ids, feature_lengths, perm), feature_lengths[perm]
+                perm = self._permutation(where, n)
+                if feature_lengths is None:
+                    ids = ids[perm]
+                else:
+                    ids, feature_lengths = _take_bags(ids, feature_lengths, perm), feature_lengths[perm]
+                    feature_offsets = None  # recomputed from the permuted sizes
                 if feature.name in raw:
                     raw[feature.name] = raw[feature.name][perm]
             values.append(ids)
             lengths.append(feature_lengths)
+            offsets.append(feature_offsets)
         if cross is not None:
             size = self._table_size[cross.table]
             for a, b in cross.pairs:
                 for k in range(cross.num_hashes):
                     values.append(hash_pairs(raw[a], raw[b], size, k))
-                    lengths.append(np.ones(rb.num_rows, np.int32))
-        if self.data.dense_features:
-            dense = np.stack([_dense(rb.column(c), c, where) for c in self.data.dense_features], axis=1)
+                    lengths.append(None)
+                    offsets.append(None)
+        dense = np.empty((n, len(self.data.dense_features)), np.float32)
+        for j, c in enumerate(self.data.dense_features):
+            dense[:, j] = _dense(rb.column(c), c, where)
+        labels = np.empty((len(self._label_columns), n), np.float32)
+        for t, c in enumerate(self._label_columns):
+            labels[t] = _label(rb.column(c), c, where)
+        return _Rows.build(values, lengths, dense, labels, offsets)
+
+    def _permutation(self, where: _Where, n: int) -> np.ndarray:
+        """``permute_feature``'s row permutation of a chunk: within blocks of ``max(B, 1024)``
+        rows from each row group's start, cut where the chunk's pieces start or end; each block
+        seeded by the seed, the epoch, the file and its first row."""
+        block = max(self.batch_size, PERMUTE_ROWS)
+        ends = where.starts[1:] + (n,)
+        parts = []
+        for start, end, first, group_first in zip(
+            where.starts, ends, where.first_rows, where.group_first_rows, strict=True
+        ):
+            row, stop = first, first + end - start
+            while row < stop:
+                block_end = min(stop, group_first + ((row - group_first) // block + 1) * block)
+                perm = _rng(self.seed, self.epoch, where.file, row).permutation(block_end - row)
+                parts.append(perm + (start + row - first))
+                row = block_end
+        return np.concatenate(parts)
+
+    def _layout(self, run: _Run) -> _Layout:
+        """The batches of ``run`` padded to B rows (zero-weight rows: no ids, zero dense and
+        labels) in their final buffers, laid out together with one copy of each value: one int64
+        buffer (per batch its ids feature by feature, then its int32 lengths) and one float32
+        buffer (per batch dense, labels, weights)."""
+        rows, counts = run
+        size, m, n = self.batch_size, len(counts), len(rows)
+        num_keys, num_dense, num_tasks = len(self._keys), rows.dense.shape[1], len(self._tasks)
+        bounds = np.zeros(m + 1, np.int64)  # the batches' first rows in ``rows``, and the end
+        np.cumsum(counts, out=bounds[1:])
+        full = n == m * size
+        if not full:  # padded position j*B + r of the run's row i, as (batch j, row r)
+            padded = np.arange(n) + np.repeat(np.arange(m) * size - bounds[:-1], counts)
+            at = np.divmod(padded, size)
+        words = (num_keys * size + 1) // 2  # int64 words of a batch's int32 lengths
+        # Padding rows and the odd pad word are 0; a full run writes every other entry below.
+        lengths = np.empty((m, 2 * words), np.int32) if full else np.zeros((m, 2 * words), np.int32)
+        lengths[:, num_keys * size :] = 0
+        ids, positions = [], []
+        for k in range(num_keys):
+            ids.append(rows.ids(k))
+            offsets, bags = rows.offsets[k], rows.lengths[k]
+            positions.append(bounds if offsets is None else offsets[bounds] - offsets[0])
+            part = lengths[:, k * size : (k + 1) * size]
+            if full:
+                part[:] = 1 if bags is None else bags.reshape(m, size)
+            else:
+                part[at] = 1 if bags is None else bags
+        sizes = np.diff(np.stack(positions), axis=1).sum(axis=0)  # ids per batch
+        words_of = lengths.view(np.int64)
+        where = [p.tolist() for p in positions]
+        pieces = []
+        for j in range(m):
+            pieces += [ids[k][where[k][j] : where[k][j + 1]] for k in range(num_keys)]
+            pieces.append(words_of[j])
+        ints = np.concatenate(pieces)
+        floats = np.empty((m, size * (num_dense + num_tasks + 1)), np.float32)
+        dense = floats[:, : size * num_dense].reshape(m, size, num_dense)
+        labels = floats[:, size * num_dense : size * (num_dense + num_tasks)].reshape(m, num_tasks, size)
+        weights = floats[:, size * (num_dense + num_tasks) :]
+        if full:
+            dense[:] = rows.dense.reshape(m, size, num_dense)
+            weights.fill(1.0)
+            for t, row in enumerate(self._task_rows):
+                labels[:, t] = rows.labels[row].reshape(m, size)
         else:
-            dense = np.zeros((rb.num_rows, 0), np.float32)
-        labels = [_label(rb.column(c), c, where) for c in self._label_columns]
-        stacked = np.stack(labels) if labels else np.zeros((0, rb.num_rows), np.float32)
-        return _Rows(values, lengths, dense, stacked)
+            dense.fill(0.0)
+            dense[at] = rows.dense
+            weights.fill(0.0)
+            weights[at] = 1.0
+            labels.fill(0.0)
+            for t, row in enumerate(self._task_rows):
+                labels[:, t][at] = rows.labels[row]
+        if not self._task_rows:
+            labels.fill(0.0)
+        return _Layout(ints, floats, sizes.tolist(), words)
 
-    def _pack(self, rows: _Rows) -> PackedBatch:
-        """Pad ``rows`` to B rows (zero-weight rows: no ids, zero dense and labels) and pack them."""
-        size, n = self.batch_size, len(rows)
-        lengths = np.zeros((len(rows.lengths), size), np.int64)  # key-major, padding rows 0
-        for i, feature_lengths in enumerate(rows.lengths):
-            lengths[i, :n] = feature_lengths
-        dense = np.zeros((size, rows.dense.shape[1]), np.float32)
-        dense[:n] = rows.dense
-        column = {c: i for i, c in enumerate(self._label_columns)}
-        labels = np.zeros((len(self.data.tasks), size), np.float32)
-        if self._label_columns:
-            labels[:, :n] = rows.labels[[column[t.label] for t in self.data.tasks]]
-        weights = np.zeros(size, np.float32)
-        weights[:n] = 1.0
-        return PackedBatch.pack(
-            np.concatenate(rows.values),
-            lengths,
-            dense,
-            labels,
-            weights,
-            keys=tuple(self.data.feature_names),
-            tasks=tuple(t.name for t in self.data.tasks),
-        )
+    def _batches(self, layout: _Layout) -> list[Batch]:
+        """The layout's batches as :class:`Batch` es of views, made by a few torch calls per
+        layout (not per batch: a torch call costs microseconds)."""
+        size, num_dense, keys = self.batch_size, layout.num_dense(self), list(self._keys)
+        num_lengths, pad = len(keys) * size, 2 * layout.words - len(keys) * size
+        ints = torch.from_numpy(layout.ints)
+        values = ints.split([w for v in layout.sizes for w in (v, layout.words)])[::2]
+        split = [w for v in layout.sizes for w in (2 * v, num_lengths, pad)[: 3 if pad else 2]]
+        lengths = ints.view(torch.int32).split(split)[1 :: 3 if pad else 2]
+        floats = torch.from_numpy(layout.floats)
+        dense_end, labels_end = size * num_dense, size * (num_dense + len(self._tasks))
+        dense = floats[:, :dense_end].unflatten(1, (size, num_dense)).unbind(0)
+        labels = [t.unbind(0) for t in floats[:, dense_end:labels_end].unflatten(1, (-1, size)).unbind(1)]
+        weights = floats[:, labels_end:].unbind(0)
+        return [
+            Batch(
+                dense=dense[j],
+                sparse=KeyedJaggedTensor(keys=list(keys), values=values[j], lengths=lengths[j], stride=size),
+                labels={task: labels[t][j] for t, task in enumerate(self._tasks)},
+                weights=weights[j],
+            )
+            for j in range(len(layout.sizes))
+        ]
+
+    def _packed(self, layout: _Layout) -> list[PackedBatch]:
+        """The layout's batches as :class:`PackedBatch` es of numpy views: a DataLoader worker
+        pickles each as two plain byte strings through its pipe (a torch tensor would cost a
+        shared-memory segment and a file descriptor hand-over each)."""
+        ints = np.split(layout.ints, np.cumsum([v + layout.words for v in layout.sizes])[:-1])
+        num_dense = layout.num_dense(self)
+        return [
+            PackedBatch(i, f, self._keys, self._tasks, self.batch_size, num_dense, v)
+            for i, f, v in zip(ints, layout.floats, layout.sizes, strict=True)
+        ]
 
 
-class _PackedBatches(IterableDataset[PackedBatch]):
-    """What DataLoader workers iterate: the dataset's batches, still packed for the hop."""
+class _Layout(NamedTuple):
+    """Batches laid out together (``ParquetDataset._layout``)."""
+
+    ints: np.ndarray  # int64: per batch its ids, then ``words`` words of int32 lengths
+    floats: np.ndarray  # float32 [m, B*D + T*B + B]: per batch dense, labels, weights
+    sizes: list[int]  # ids per batch
+    words: int
+
+    def num_dense(self, dataset: ParquetDataset) -> int:
+        return self.floats.shape[1] // dataset.batch_size - len(dataset._tasks) - 1
+
+
+class _PackedBatches(IterableDataset[list[PackedBatch]]):
+    """What DataLoader workers iterate: the dataset's batches, packed, ``WORKER_BATCHES`` per item
+    on a grid from the worker's stretch's start (``resume_plan``)."""
 
     def __init__(self, dataset: ParquetDataset) -> None:
         self.dataset = dataset
 
-    def __iter__(self) -> Iterator[PackedBatch]:
-        return self.dataset.packed_batches()
+    def __iter__(self) -> Iterator[list[PackedBatch]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        ds = self.dataset
+        rotation, taken = resume_plan(ds.steps_per_epoch(), workers, ds.start_batch)
+        size = WORKER_BATCHES - taken[(worker + rotation) % workers] % WORKER_BATCHES  # to the grid
+        item: list[PackedBatch] = []
+        for packed in ds.packed_batches():
+            item.append(packed)
+            if len(item) == size:
+                yield item
+                item, size = [], WORKER_BATCHES
+        if item:
+            yield item
 
 
 class BatchLoader:
-    """Iterates :class:`Batch` es: a DataLoader over packed batches, unpacked on arrival."""
+    """Iterates :class:`Batch` es: read in this process (no workers; a thread reads ahead), or a
+    DataLoader over packed batches from worker processes, unpacked on arrival."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, dataset: ParquetDataset, loader: DataLoader | None, pin_memory: bool = False) -> None:
+        self.dataset = dataset
         self.loader = loader
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> Iterator[Batch]:
-        return (packed.unpack() for packed in self.loader)
+        if self.loader is not None:  # the DataLoader pins for itself
+            return (packed.unpack() for item in self.loader for packed in item)
+        batches = iter(self.dataset)
+        return (batch.pin_memory() for batch in batches) if self.pin_memory else batches
 
     def __len__(self) -> int:
-        return len(self.loader.dataset.dataset)  # type: ignore[attr-defined]
+        return len(self.dataset)
 
 
 def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: int = 2) -> BatchLoader:
-    """A loader over ready-made batches; workers are re-created each epoch so ``set_epoch`` applies.
+    """A loader over ready-made batches. ``num_workers`` 0 reads in this process (a thread reads
+    ahead); otherwise DataLoader worker processes, re-created each epoch so ``set_epoch`` applies.
 
     Example::
 
-        loader = make_dataloader(dataset, num_workers=2)
+        loader = make_dataloader(dataset, num_workers=0)
         for epoch in range(epochs):
             dataset.set_epoch(epoch)
             for batch in loader: ...
     """
+    pin_memory = torch.cuda.is_available()
+    if num_workers == 0:
+        return BatchLoader(dataset, None, pin_memory)
     loader = DataLoader(
         _PackedBatches(dataset),
         batch_size=None,
         num_workers=num_workers,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        prefetch_factor=prefetch_factor,
         persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         # The workers' seeds come from a generator of their own, not the global torch RNG: the
         # model's random stream (dropout) then depends only on the steps taken, which a resumed
         # run restores exactly. The batches use no worker RNG (their shuffles are seeded).
         generator=torch.Generator().manual_seed(dataset.seed),
         worker_init_fn=functools.partial(_init_worker, os.getpid(), _handles_sigterm()),
-        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        multiprocessing_context=_worker_context(),
     )
-    return BatchLoader(loader)
+    return BatchLoader(dataset, loader, pin_memory)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -708,11 +1166,13 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 @atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
 def end_workers() -> None:
-    """SIGKILL the DataLoader workers still alive (a loader abandoned mid-epoch, a rank leaving on
-    an error or a signal). Under a rank they ignore SIGTERM, and multiprocessing's exit handler
-    SIGTERMs daemonic children and then joins them: the process would never exit (or, under
-    torchrun, wait for its SIGKILL 30 s later). The DataLoader's SIGCHLD handler, which raises for
-    a killed worker, is reset first."""
+    """Stop this process's loader prefetch threads and SIGKILL the DataLoader workers still alive
+    (a loader abandoned mid-epoch, a rank leaving on an error or a signal). Under a rank they
+    ignore SIGTERM, and multiprocessing's exit handler SIGTERMs daemonic children and then joins
+    them: the process would never exit (or, under torchrun, wait for its SIGKILL 30 s later). The
+    DataLoader's SIGCHLD handler, which raises for a killed worker, is reset first."""
+    for stop, (thread, items) in list(_PREFETCHERS.items()):
+        _stop_prefetch(stop, thread, items, timeout=5.0)
     workers = [child for child in multiprocessing.active_children() if child.daemon]
     if workers and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -122,17 +122,18 @@ class ThreadPlan:
 
     @property
     def busy(self) -> int:
-        """Threads and processes of this node's ranks that compute at once."""
-        return self.local_world_size * (self.intra_op + self.workers)
+        """Threads and processes of this node's ranks that compute at once (the loader counts one
+        even with no worker process: its converting thread runs in the rank)."""
+        return self.local_world_size * (self.intra_op + max(self.workers, 1))
 
     def oversubscription(self) -> str | None:
         """Why ``local ranks x (intra-op threads + workers)`` exceeds the cores, or None."""
         if self.busy <= self.cores:
             return None
         return (
-            f"{self.local_world_size} local rank(s) x ({self.intra_op} intra-op threads + {self.workers} "
-            f"loader workers) = {self.busy} busy on {self.cores} cores: they take turns on the cores "
-            "and training slows down, most when another process is busy"
+            f"{self.local_world_size} local rank(s) x ({self.intra_op} intra-op threads + "
+            f"{max(self.workers, 1)} loader) = {self.busy} busy on {self.cores} cores: they take turns on "
+            "the cores and training slows down, most when another process is busy"
         )
 
     def describe(self) -> str:
@@ -140,8 +141,7 @@ class ThreadPlan:
         fits = (
             f"{self.busy} busy on {self.cores} cores"
             if self.busy <= self.cores
-            else f"{self.busy} busy on {self.cores} cores: more than the cores; training.num_workers 0 "
-            "decodes in the rank"
+            else f"{self.busy} busy on {self.cores} cores: more than the cores"
         )
         return (
             f"threads: {self.cores} cores available, {self.local_world_size} local rank(s), each "
@@ -193,24 +193,25 @@ def _read_fields(path: str) -> list[str] | None:
 def size_threads(
     requested: int | str, local_world_size: int, workers: int, cores: int | None = None
 ) -> ThreadPlan:
-    """The threads of one rank so that ``local ranks x (intra-op threads + loader workers)``
-    fits the cores: ``requested`` ``"auto"`` gives ``max(1, cores // local_world_size - workers)``
+    """The threads of one rank so that ``local ranks x (intra-op threads + loader)`` fits the
+    cores: ``requested`` ``"auto"`` gives ``max(1, cores // local_world_size - max(workers, 1))``
     intra-op threads, an int exactly that many (:meth:`ThreadPlan.oversubscription` says when it
-    does not fit). Arrow's pool gets the rank's cores the torch threads leave, at least 1 (it
-    decodes in the rank only; workers decode single-threaded). With ``num_workers`` 0 the rank's
-    prefetch thread decodes beside the torch threads: one thread more than the share while it
-    decodes, a small part of each step when the loader is several times faster than training
-    (``training.threads: <share - 1>`` reserves it a core instead). ``cores``: default
-    :func:`available_cores`.
+    does not fit). The loader takes one core of the share even with ``num_workers`` 0: its
+    converting thread runs in the rank beside the torch threads, and OpenMP threads that must wait
+    for a busy core stall every step (measured: a 1-rank run with 2 torch threads on 2 cores fell
+    to a few thousand samples/s while another process ran; with 1, ~50,000). Arrow's pool gets the
+    rank's cores the torch threads leave, at least 1 (it decodes in the rank only; workers decode
+    single-threaded). ``cores``: default :func:`available_cores`.
 
     Example::
 
         size_threads("auto", local_world_size=1, workers=1, cores=8).intra_op   # 7
-        size_threads("auto", local_world_size=2, workers=0, cores=8).intra_op   # 4
+        size_threads("auto", local_world_size=1, workers=0, cores=8).intra_op   # 7
+        size_threads("auto", local_world_size=2, workers=0, cores=8).intra_op   # 3
     """
     cores = available_cores() if cores is None else cores
     share = max(1, cores // max(1, local_world_size))
-    intra = max(1, share - workers) if requested == "auto" else int(requested)
+    intra = max(1, share - max(workers, 1)) if requested == "auto" else int(requested)
     if intra < 1:
         raise ValueError(f"training.threads: {requested}; expected auto or an integer >= 1")
     return ThreadPlan(
@@ -248,7 +249,7 @@ def set_threads(plan: ThreadPlan, announce: bool = True) -> None:
                 "training.threads: %s: %s; use auto or at most %d",
                 plan.requested,
                 warning,
-                max(1, plan.cores // plan.local_world_size - plan.workers),
+                max(1, plan.cores // plan.local_world_size - max(plan.workers, 1)),
             )
 
 

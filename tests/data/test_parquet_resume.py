@@ -44,12 +44,37 @@ def test_skipped_batches_are_not_read(uneven_files, data_config):
 
 
 def test_resume_plan_follows_the_loaders_turns():
-    # 7 batches over 3 workers: stretches of 2, 2, 3; turns 0 1 2 0 1 2 2.
-    assert resume_plan(7, 3, 0) == (0, [0, 0, 0])
-    assert resume_plan(7, 3, 4) == (1, [2, 1, 1])
-    assert resume_plan(7, 3, 6) == (2, [2, 2, 2])
-    assert resume_plan(7, 3, 7) == (0, [2, 2, 3])
+    # 7 batches over 3 workers: stretches of 2, 2, 3; one batch per item: turns 0 1 2 0 1 2 2.
+    assert resume_plan(7, 3, 0, item=1) == (0, [0, 0, 0])
+    assert resume_plan(7, 3, 4, item=1) == (1, [2, 1, 1])
+    assert resume_plan(7, 3, 6, item=1) == (2, [2, 2, 2])
+    assert resume_plan(7, 3, 7, item=1) == (0, [2, 2, 3])
     assert resume_plan(5, 0, 3) == (0, [3])  # no workers: the main process reads alone
+    # Items of 2: turns 0 0 1 1 2 2 2 (worker 2's second item is its last batch).
+    assert resume_plan(7, 3, 3, item=2) == (1, [2, 1, 0])
+    assert resume_plan(7, 3, 6, item=2) == (2, [2, 2, 2])
+    # 40 batches over 2 workers, items of 8: turns 0 x8, 1 x8, 0 x8, 1 x8, 0 x4, 1 x4.
+    assert resume_plan(40, 2, 20) == (0, [12, 8])
+    assert resume_plan(40, 2, 24) == (1, [16, 8])
+    assert resume_plan(40, 2, 34) == (0, [18, 16])
+    assert resume_plan(40, 2, 36) == (1, [20, 16])
+
+
+@pytest.mark.parametrize("num_workers", [2, 3])
+def test_resume_inside_a_workers_item(uneven_files, data_config, num_workers):
+    """Stretches longer than an item (26 batches of 4 rows per rank): resuming inside an item
+    continues with the rest of it, then the turns go on as in the uninterrupted epoch."""
+    files, _ = uneven_files
+
+    def run(start_batch: int) -> list[tuple]:
+        dataset = ParquetDataset(files, data_config(), 4, rank=1, world_size=2, shuffle_buffer=12, seed=5)
+        dataset.set_epoch(2, start_batch=start_batch)
+        return [fingerprint(b) for b in make_dataloader(dataset, num_workers)]
+
+    full = run(0)
+    assert len(full) == 26 and len(set(full)) == 26
+    for k in (1, 5, 8, 9, 11, 15, 17, 20, 25, 26):
+        assert run(k) == full[k:], k
 
 
 def test_start_batch_outside_the_epoch_is_refused(uneven_files, data_config):
