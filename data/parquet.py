@@ -79,6 +79,7 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import logging
 import multiprocessing
 import multiprocessing.context
 import os
@@ -99,6 +100,14 @@ from towerrec.data.batch import Batch, PackedBatch
 from towerrec.data.config import DataConfig, SparseFeatureConfig
 from towerrec.data.errors import DataError  # one class for the whole data path (re-exported)
 from towerrec.data.hashing import hash_ids, hash_pairs
+from towerrec.data.transforms import (
+    FittedFeatures,
+    check_type_drift,
+    column_type_ok,
+    encode_dense,
+    encode_sparse,
+    expected_type,
+)
 
 # Rows decoded and converted at a time by default (one Arrow record batch, which may span row
 # groups of a file): per-chunk Python costs nothing next to decoding them, and the few chunks in
@@ -119,6 +128,8 @@ _DECODE_THREADS = "towerrec-loader-decode"
 
 T = TypeVar("T")
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class FileInfo:
@@ -132,41 +143,39 @@ class FileInfo:
         return sum(self.row_groups)
 
 
-_EXPECTED = {
-    "single-hot sparse feature": "an integer type (int8..int64, uint8..uint64)",
-    "multi-hot sparse feature": "list<integer> or large_list<integer>",
-    "dense feature": "a float or integer type",
-    "label": "an integer, bool or float type",
-}
+_LABEL_EXPECTED = "an integer, bool or float type for a label"
 
 
-def _type_ok(role: str, t: pa.DataType) -> bool:
-    if role == "single-hot sparse feature":
-        return pa.types.is_integer(t)
-    if role == "multi-hot sparse feature":
-        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-    if role == "dense feature":
-        return pa.types.is_floating(t) or pa.types.is_integer(t)
+def _label_type_ok(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t)
 
 
-def _column_roles(data: DataConfig, labels: bool = True) -> list[tuple[str, str]]:
-    roles = [
-        (f.name, "multi-hot sparse feature" if f.multi_hot else "single-hot sparse feature")
-        for f in data.sparse_features
-    ]
-    roles += [(c, "dense feature") for c in data.dense_features]
-    return roles + [(c, "label") for c in dict.fromkeys(data.label_columns) if labels]
+def _column_checks(
+    data: DataConfig, labels: bool = True
+) -> list[tuple[str, str, Callable[[pa.DataType], bool], str]]:
+    """``(Parquet column, what reads it, type check, expected type)`` of every column read."""
+    checks = []
+    for f in data.sparse_features:
+        role = f"sparse feature {f.name!r}" if f.parquet_column != f.name else "sparse feature"
+        checks.append((f.parquet_column, role, functools.partial(column_type_ok, f), expected_type(f)))
+    for d in data.dense_feature_configs:
+        role = f"dense feature {d.name!r}" if d.parquet_column != d.name else "dense feature"
+        checks.append((d.parquet_column, role, functools.partial(column_type_ok, d), expected_type(d)))
+    if labels:
+        checks += [(c, "label", _label_type_ok, _LABEL_EXPECTED) for c in dict.fromkeys(data.label_columns)]
+    return checks
 
 
 def inspect_files(files: list[str], data: DataConfig, labels: bool = True) -> list[FileInfo]:
     """Check from the footers alone that every configured column exists with a usable type
-    (label columns only with ``labels``: prediction data may have none).
+    (label columns only with ``labels``: prediction data may have none), and that no column's
+    type drifts between files beyond what its transform accepts (string vs large_string, integer
+    widths: accepted; integer in one file and string in another: an error naming both).
 
     Raises:
         DataError: naming the file, the column, the type found and the type expected.
     """
-    roles = _column_roles(data, labels)
+    checks = _column_checks(data, labels)
     infos = []
     for path in files:
         try:
@@ -174,18 +183,19 @@ def inspect_files(files: list[str], data: DataConfig, labels: bool = True) -> li
             schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-        for column, role in roles:
+        for column, role, type_ok, expected in checks:
             if schema.get_field_index(column) < 0:
                 raise DataError(
                     f"{path}: column {column!r} ({role}) is missing or ambiguous; "
-                    f"expected {_EXPECTED[role]}; the file has columns {schema.names}"
+                    f"expected {expected}; the file has columns {schema.names}"
                 )
             found = schema.field(column).type
-            if not _type_ok(role, found):
-                raise DataError(
-                    f"{path}: column {column!r} has type {found}; expected {_EXPECTED[role]} for a {role}"
-                )
+            if not type_ok(found):
+                raise DataError(f"{path}: column {column!r} has type {found}; expected {expected}")
         infos.append(FileInfo(path, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))))
+    if len(files) > 1:
+        # Labels may mix bool, integer and float files: each is checked for 0/1 values as read.
+        check_type_drift(files, list(dict.fromkeys(c for c, role, *_ in checks if role != "label")))
     return infos
 
 
@@ -615,6 +625,37 @@ def _flatten(blocks: Iterator[list[T]]) -> Iterator[T]:
             close()
 
 
+def _check_features(data: DataConfig, features: FittedFeatures | None) -> None:
+    """The fitted statistics a config's transforms need (vocab, quantiles, standardize) are given
+    and fit it; cross fields are integer ids read as they are."""
+    from towerrec.data.features import FittedFeatures as Fitted
+
+    if features is None and Fitted.needs_fit(data):
+        raise ValueError(
+            "the config's transforms need fitted statistics (id_mode vocab, bucketize quantiles, "
+            "standardize): pass features=FittedFeatures.fit(train files, data) or "
+            ".load(RUN_DIR/features.json)"
+        )
+    if features is not None:
+        features.check(data)
+    if data.cross is not None:
+        by_name = {f.name: f for f in data.sparse_features}
+        for name in data.cross.fields:
+            f = by_name[name]
+            if f.id_mode not in ("check", "hash") or f.on_null != "error" or f.parquet_column != f.name:
+                raise ValueError(
+                    f"data.cross.fields: {name!r} has id_mode {f.id_mode}, on_null {f.on_null}; a cross "
+                    "field is an integer id column read as it is (id_mode check or hash, on_null error)"
+                )
+
+
+def _fast_ids(feature: SparseFeatureConfig, t: pa.DataType) -> bool:
+    """Integer ids used or hashed as they are, nulls refused: the loader's own vectorised path."""
+    if feature.id_mode not in ("check", "hash") or feature.on_null != "error":
+        return False
+    return pa.types.is_integer(t.value_type if feature.multi_hot else t)
+
+
 def _check_sparse_feature(data: DataConfig, name: str) -> None:
     names = data.sparse_feature_names
     if name not in names:
@@ -660,6 +701,7 @@ class ParquetDataset(IterableDataset[Batch]):
         labels: bool = True,
         permute_feature: str | None = None,
         read_rows: int = READ_ROWS,
+        features: FittedFeatures | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -681,13 +723,15 @@ class ParquetDataset(IterableDataset[Batch]):
         self.epoch = 0
         self.start_batch = 0
         self.files = sorted(files)
+        _check_features(data, features)
+        self.features = features
         self.infos = inspect_files(self.files, data, labels)
         self.num_rows = sum(info.num_rows for info in self.infos)
         if self.num_rows == 0:
             raise DataError(f"no rows in {len(self.files)} file(s): {self.files[:3]}")
         # labels=False (prediction): no label column is read; batches carry all-zero labels.
         self._label_columns = list(dict.fromkeys(data.label_columns)) if labels else []
-        self._columns = list(dict.fromkeys(c for c, _ in _column_roles(data, labels)))
+        self._columns = list(dict.fromkeys(c for c, *_ in _column_checks(data, labels)))
         self._table_size = {t.name: t.num_embeddings for t in data.tables}
         self._keys = tuple(data.feature_names)
         self._tasks = tuple(t.name for t in data.tasks)
@@ -786,10 +830,26 @@ class ParquetDataset(IterableDataset[Batch]):
     def _blocks(
         self, worker: int, workers: int, use_threads: bool, unpack: bool
     ) -> Iterator[list[Batch] | list[PackedBatch]]:
-        """Runs in the prefetch thread: the batches of each run of ``_batch_runs``, laid out."""
+        """Runs in the prefetch thread: the batches of each run of ``_batch_runs``, laid out.
+        At the end, the nulls the transforms replaced (``on_null``) are logged per feature."""
+        self._null_counts: dict[str, int] = {}
         for run in self._batch_runs(worker, workers, use_threads):
             layout = self._layout(run)
             yield self._batches(layout) if unpack else self._packed(layout)
+        if self._null_counts:
+            counts = ", ".join(f"{name} {n:,}" for name, n in self._null_counts.items())
+            logger.info(
+                "rank %d epoch %d%s: nulls replaced (on_null) per feature: %s",
+                self.rank,
+                self.epoch,
+                f" worker {worker}" if workers > 1 else "",
+                counts,
+            )
+
+    def _count_nulls(self, feature: str, count: int) -> None:
+        if count:
+            counts = self.__dict__.setdefault("_null_counts", {})
+            counts[feature] = counts.get(feature, 0) + count
 
     def _batch_runs(self, worker: int, workers: int, use_threads: bool) -> Iterator[_Run]:
         """The real rows of worker ``worker``'s batches (module docstring), as runs."""
@@ -926,11 +986,19 @@ class ParquetDataset(IterableDataset[Batch]):
         cross = self.data.cross
         raw: dict[str, np.ndarray] = {}  # raw ids of the cross fields
         for feature in self.data.sparse_features:
-            flat, feature_lengths, feature_offsets = _sparse(rb.column(feature.name), feature, where)
-            raw_ids = _raw_ids(flat)
-            ids = _map_ids(raw_ids, flat, feature_offsets, feature, self._table_size[feature.table], where)
-            if cross is not None and feature.name in cross.fields:
-                raw[feature.name] = raw_ids
+            column, size = rb.column(feature.parquet_column), self._table_size[feature.table]
+            if _fast_ids(feature, column.type):
+                flat, feature_lengths, feature_offsets = _sparse(column, feature, where)
+                raw_ids = _raw_ids(flat)
+                ids = _map_ids(raw_ids, flat, feature_offsets, feature, size, where)
+                if cross is not None and feature.name in cross.fields:
+                    raw[feature.name] = raw_ids
+            else:  # strings, vocabularies, buckets, nulls replaced (data.transforms)
+                encoded = encode_sparse(column, feature, self.features, size, where)
+                ids, feature_lengths, feature_offsets = encoded.values, encoded.lengths, None
+                if not feature.multi_hot and encoded.nulls_replaced == 0:
+                    feature_lengths = None  # one id per row
+                self._count_nulls(feature.name, encoded.nulls_replaced)
             if feature.name == self.permute_feature:
                 perm = self._permutation(where, n)
                 if feature_lengths is None:
@@ -951,8 +1019,13 @@ class ParquetDataset(IterableDataset[Batch]):
                     lengths.append(None)
                     offsets.append(None)
         dense = np.empty((n, len(self.data.dense_features)), np.float32)
-        for j, c in enumerate(self.data.dense_features):
-            dense[:, j] = _dense(rb.column(c), c, where)
+        for j, d in enumerate(self.data.dense_feature_configs):
+            column = rb.column(d.parquet_column)
+            if not d.transforms and d.on_null == "error":
+                dense[:, j] = _dense(column, d.name, where)
+            else:
+                dense[:, j], nulls = encode_dense(column, d, self.features, where)
+                self._count_nulls(d.name, nulls)
         labels = np.empty((len(self._label_columns), n), np.float32)
         for t, c in enumerate(self._label_columns):
             labels[t] = _label(rb.column(c), c, where)
