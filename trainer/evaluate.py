@@ -12,7 +12,8 @@ Example::
 The module is ``build_train_module(config)`` with checkpoint ``step``'s weights
 (``load_model_state``, whatever world size and plan wrote it; step None: the ``best`` checkpoint
 of early stopping when the run has one, else the latest, as ``choose_checkpoint`` says), the
-config is ``RUN_DIR/config.yaml`` (the resolved config the trainer wrote), and the metrics are
+config is ``RUN_DIR/config.yaml`` (the resolved config the trainer wrote), the fitted feature
+statistics ``RUN_DIR/features.json`` (``trainer.features``; never refitted here), and the metrics are
 ``TaskMetrics``, exactly as the trainer computes them (the same AUC window, the same
 sample-space weights), in a group of one.
 Run it in a process without a multi-rank process group: ``TaskMetrics`` would reduce over it.
@@ -31,6 +32,7 @@ from towerrec.data.parquet import ParquetDataset, make_dataloader
 from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
 from towerrec.trainer.config import ConfigError, ExperimentConfig, load_config
 from towerrec.trainer.distributed import DistEnv, set_threads, size_threads
+from towerrec.trainer.features import load_run_features
 from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import TrainModule, build_train_module
 
@@ -83,7 +85,9 @@ class RunEvaluator:
 
     Raises:
         FileNotFoundError: no run directory or config.yaml.
-        CheckpointError: no such checkpoint (naming the steps that exist), or one that does not load.
+        CheckpointError: no such checkpoint (naming the steps that exist), or one that does not load;
+            ``FeaturesFileError``: RUN_DIR/features.json missing (the config needs it) or not fitted
+            for the config.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class RunEvaluator:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.config = load_run_config(run_dir)
+        self.features = load_run_features(run_dir, self.config.data)  # what training read through
         # One process and its loader workers on this machine's cores, sized as training sizes a rank.
         set_threads(size_threads(self.config.training.threads, 1, num_workers), announce=False)
         self.module: TrainModule = build_train_module(self.config, torch.device("cpu"))
@@ -135,6 +140,7 @@ class RunEvaluator:
             labels=True,
             seed=self.config.training.seed,
             permute_feature=permute_feature,
+            features=self.features,
         )
 
     def evaluate(self, files: list[str], permute_feature: str | None = None) -> Metrics:

@@ -25,16 +25,27 @@ Forward: ``forward(values, lengths, dense) -> Dict[str, Tensor]``
   ``schema["data"]["sparse_features"]`` order, B rows each (1 per row for single-hot features),
   then, with ``schema["data"]["cross"]`` (DTN's codebook), one id per row for each cross feature
   (``CrossConfig.feature_names`` order: ``data.hashing.hash_pairs`` of the raw ids).
-* ``values`` int64 ``[sum(lengths)]``: table rows, i.e. ids after the feature's ``id_mode``:
-  ``check`` ids as they are (in ``[0, num_embeddings)``), ``hash`` ids through
-  ``data.hashing.hash_ids`` (splitmix64 mod num_embeddings). Out-of-range rows read row 0.
-* ``dense`` float32 ``[B, D]`` in ``schema["data"]["dense_features"]`` order.
+* ``values`` int64 ``[sum(lengths)]``: table rows, i.e. values after the feature's ``id_mode``
+  (``data.transforms``): ``check`` ids as they are (in ``[0, num_embeddings)``), ``hash``
+  integers through ``data.hashing.hash_ids`` and strings through ``hash_strings`` (mod
+  num_embeddings), ``vocab`` through the fitted vocabulary (0 out of vocabulary), ``bucketize``
+  through the boundaries; nulls as ``on_null`` says. Out-of-range rows read row 0.
+* ``dense`` float32 ``[B, D]`` in ``schema["data"]["dense_features"]`` order, after each dense
+  feature's ``transforms`` (``log1p``, ``clip``, ``standardize``) and ``on_null``.
 * returns per-task probabilities ``[B]`` (sigmoid of the towers' logits), keyed by task name.
+
+Raw rows to these inputs: ``towerrec predict`` (``trainer.predict``) runs Parquet files through
+the training loader; a serving client holding a pyarrow Table or a dict of Python lists calls
+``trainer.serving.transform_rows(schema, rows)``, the loader's transforms on those rows.
 
 The schema travels inside the file as the TorchScript extra file ``towerrec_schema.json``: the
 data section of the training config without paths (tables with sizes, sparse features with
 ``multi_hot`` and ``id_mode``, dense features, tasks), the quantization, the checkpoint it came
-from, the check tolerance and the towerrec / torch / torchrec / fbgemm_gpu versions.
+from, the check tolerance and the towerrec / torch / torchrec / fbgemm_gpu versions. With
+features that use fitted statistics (``vocab``, ``bucketize: quantiles``, ``standardize``),
+``schema["features"]`` holds the run's ``features.json`` (``data.features``: vocabularies,
+boundaries, means and stds, by feature name; else null), so the artifact needs nothing else to
+turn raw values into its inputs.
 
 Memory: table by table, never the float model. The dense network is read from the checkpoint;
 the quantized tables (the artifact) are allocated empty, then filled block by block from the
@@ -74,12 +85,14 @@ from torchrec.modules.embedding_configs import DataType, dtype_to_data_type
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from towerrec.data.batch import Batch
 from towerrec.data.config import resolve_paths
+from towerrec.data.features import FittedFeatures
 from towerrec.data.files import atomic_output
 from towerrec.data.parquet import ParquetDataset
 from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
 from towerrec.trainer.checkpoint.chunks import SavedRows, row_ranges
 from towerrec.trainer.config import ExperimentConfig
 from towerrec.trainer.evaluate import single_process_env
+from towerrec.trainer.features import load_run_features
 from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import TrainModule, build_train_module
 from towerrec.trainer.predict import SCHEMA_FILE, Artifact, load_artifact
@@ -298,7 +311,14 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(graph)
 
 
-def make_schema(config: ExperimentConfig, quantize: str, source: dict, tolerance: Tolerance) -> dict:
+def make_schema(
+    config: ExperimentConfig,
+    quantize: str,
+    source: dict,
+    tolerance: Tolerance,
+    features: Optional[FittedFeatures] = None,
+) -> dict:
+    """The artifact's schema (module docstring); ``features``: the run's fitted statistics."""
     data = config.data.model_dump(mode="json", exclude={"train", "eval"})
     return {
         "format": "towerrec-inference",
@@ -306,6 +326,7 @@ def make_schema(config: ExperimentConfig, quantize: str, source: dict, tolerance
         "forward": "forward(values: int64 [sum(lengths)], lengths: int32 [F*B] feature-major, "
         "dense: float32 [B, D]) -> Dict[str, Tensor] task -> probability [B]",
         "data": data,
+        "features": features.to_json() if features is not None else None,
         "quantization": quantize,
         "source": source,
         "tolerance": asdict(tolerance),
@@ -341,7 +362,8 @@ def export_model(
     ``data.eval``); ``check_rows=0`` skips the check and returns None.
 
     Raises:
-        CheckpointError: no such checkpoint, or one that does not load.
+        CheckpointError: no such checkpoint, or one that does not load; ``FeaturesFileError``:
+            RUN_DIR/features.json missing (the config needs it) or fitted for another config.
         ExportCheckError: the artifact is off by more than ``tolerance`` (default
             ``TOLERANCES[quantize]``); ``out`` is then left as it was.
     """
@@ -349,11 +371,12 @@ def export_model(
         raise ValueError(f"quantize must be one of {sorted(QUANTIZATIONS)}, got {quantize!r}")
     tolerance = tolerance or TOLERANCES[quantize]
     config, module, meta = _load_trained(Path(run_dir), step)
+    features = load_run_features(run_dir, config.data)  # what the checkpoint was trained through
     source = {"run_dir": str(run_dir), "step": meta.step, "epoch": meta.epoch}  # the path as given
     sample = None
     if check_rows > 0:
         files = resolve_paths(check_data or list(config.data.eval), "check data")
-        sample = CheckSample.read(files, config, module, check_rows)
+        sample = CheckSample.read(files, config, module, check_rows, features)
     saved = SavedRows(meta.path)
 
     def table_rows(name: str) -> Iterable[Tuple[int, torch.Tensor]]:
@@ -363,7 +386,7 @@ def export_model(
             yield first, rows
 
     scripted = script(build_inference_model(module, config, quantize, table_rows))
-    schema = make_schema(config, quantize, source, tolerance)
+    schema = make_schema(config, quantize, source, tolerance, features)
     with atomic_output(out) as tmp:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -402,10 +425,16 @@ class CheckSample:
 
     @classmethod
     def read(
-        cls, files: List[str], config: ExperimentConfig, module: TrainModule, rows: int
+        cls,
+        files: List[str],
+        config: ExperimentConfig,
+        module: TrainModule,
+        rows: int,
+        features: Optional[FittedFeatures] = None,
     ) -> "CheckSample":
-        """The first ``rows`` rows of ``files`` (batches of at most 2048)."""
-        dataset = ParquetDataset(files, config.data, batch_size=min(rows, 2048))
+        """The first ``rows`` rows of ``files`` (batches of at most 2048), read through the run's
+        fitted ``features``."""
+        dataset = ParquetDataset(files, config.data, batch_size=min(rows, 2048), features=features)
         batches, seen = [], 0
         for batch in dataset:
             batches.append(batch)

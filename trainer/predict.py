@@ -7,7 +7,9 @@ Example::
     # preds/part-00000.parquet: user_id, item_id, p_click, p_conversion; one row per input row
 
 Reading reuses the training loader (``data.parquet.ParquetDataset`` with ``labels=False``), so
-prediction applies the same column checks, id hashing and range checks as training, and splits
+prediction takes the raw columns and applies the same column checks and feature transforms as
+training (hashing, vocabularies, buckets, dense transforms, nulls; the fitted statistics come from
+the artifact's schema, ``Artifact.features``), and splits
 the rows over ``world_size`` processes the same way: rank r takes the contiguous rows
 ``[r*N//W, (r+1)*N//W)`` of the sorted files and writes ``part-{r:05d}.parquet`` with those rows
 in input order. The loader's padding rows are never written. Memory stays at a few batches plus
@@ -15,7 +17,7 @@ one output row group, whatever the data size, and one copy of the artifact per p
 ``torch.jit.load`` reads each tensor record of the file straight into its storage (measured in
 tests/trainer/test_memory.py and docs/MEMORY.md).
 
-Output columns: the passthrough columns (default: the single-hot sparse id columns), copied
+Output columns: the passthrough columns (default: the single-hot sparse features' columns), copied
 from the input unchanged, then ``p_<task>`` (float32) per task. A task with a ``sample_space``
 was trained on that task's positives only, so ``p_conversion`` is P(conversion | click) and
 P(click and conversion) is ``p_click * p_conversion``.
@@ -26,6 +28,7 @@ a failed run leaves earlier output untouched and no partial file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -40,9 +43,12 @@ import pyarrow.parquet as pq
 import torch
 from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig, resolve_paths
+from towerrec.data.features import FittedFeatures
 from towerrec.data.files import atomic_output
 from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader
 from towerrec.trainer.distributed import set_threads, size_threads
+from towerrec.trainer.features import features_from_json
+from towerrec.trainer.serving import schema_data_config
 
 SCHEMA_FILE = "towerrec_schema.json"  # the artifact's schema, a TorchScript extra file
 PREFIX = "p_"  # output column of task t: p_<t>
@@ -63,7 +69,14 @@ class Artifact:
 
     def data_config(self, files: list[str]) -> DataConfig:
         """The training data section (tables, features, tasks) reading ``files``."""
-        return DataConfig.model_validate({**self.schema["data"], "train": files, "eval": files})
+        return schema_data_config(self.schema, files)
+
+    @functools.cached_property
+    def features(self) -> FittedFeatures | None:
+        """The run's fitted statistics the artifact was exported with (None: none needed, or an
+        artifact exported before they existed)."""
+        raw = self.schema.get("features")
+        return features_from_json(raw, f"{SCHEMA_FILE} of the artifact") if raw is not None else None
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
@@ -84,8 +97,13 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
 
 
 def default_passthrough(artifact: Artifact) -> list[str]:
-    """The single-hot sparse id columns."""
-    return [f["name"] for f in artifact.schema["data"]["sparse_features"] if not f.get("multi_hot")]
+    """The Parquet columns of the single-hot sparse features, each once."""
+    columns = [
+        f.get("column") or f["name"]
+        for f in artifact.schema["data"]["sparse_features"]
+        if not f.get("multi_hot")
+    ]
+    return list(dict.fromkeys(columns))
 
 
 def part_path(out_dir: str | os.PathLike, rank: int) -> Path:
@@ -115,7 +133,11 @@ def predict(
     if not isinstance(artifact, Artifact):
         artifact = load_artifact(artifact)
     passthrough = default_passthrough(artifact) if passthrough is None else passthrough
-    dataset = ParquetDataset(files, artifact.data_config(files), batch_size, rank, world_size, labels=False)
+    data = artifact.data_config(files)
+    features = artifact.features
+    if features is not None:
+        features.check(data)  # fitted for these features: checked at export, cheap to recheck
+    dataset = ParquetDataset(files, data, batch_size, rank, world_size, labels=False, features=features)
     schema = _output_schema(dataset, passthrough, artifact.tasks)
     ids = _Passthrough(dataset, passthrough)
     out, written = part_path(out_dir, rank), 0

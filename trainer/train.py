@@ -29,6 +29,7 @@ from towerrec.trainer.checkpoint import CheckpointManager, step_dir_name
 from towerrec.trainer.config import ExperimentConfig, dump_config
 from towerrec.trainer.distributed import DistEnv, StepVote, lockstep
 from towerrec.trainer.early_stopping import EarlyStopping
+from towerrec.trainer.features import run_features
 from towerrec.trainer.importance import ImportanceResult, permutation_importance, write_importance
 from towerrec.trainer.metrics import TaskMetrics
 from towerrec.trainer.model import StepOutput, build_train_module
@@ -140,12 +141,15 @@ class Trainer:
         self.recorder.write_text("config.yaml", dump_config(config))
 
         torch.manual_seed(training.seed)
+        # Fitted on the training files once (rank 0), reused on resume: trainer.features.
+        self.features = run_features(config, env)
         data_kwargs = dict(
             data=config.data,
             batch_size=training.batch_size,
             rank=env.rank,
             world_size=env.world_size,
             seed=training.seed,
+            features=self.features,
         )
         self.train_set = ParquetDataset(
             resolve_paths(config.data.train, "data.train"),

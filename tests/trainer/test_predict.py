@@ -69,7 +69,7 @@ def test_missing_feature_column_is_named_and_nothing_is_written(synth_data: Path
     model, _ = exported(synth_data, "int8")
     table = pq.read_table(_eval_files(synth_data)[0]).slice(0, 50).drop_columns(["user_city"])
     pq.write_table(table, tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"bad\.parquet: column 'user_city' \(single-hot sparse feature\)"):
+    with pytest.raises(DataError, match=r"bad\.parquet: column 'user_city' \(sparse feature\) is missing"):
         predict(model, [str(tmp_path / "bad.parquet")], tmp_path / "out")
     with pytest.raises(DataError, match=r"passthrough column 'request_id' is missing"):
         predict(model, _eval_files(synth_data), tmp_path / "out", passthrough=["request_id"])
