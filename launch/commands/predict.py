@@ -50,7 +50,7 @@ def add_parser(subparsers: Subparsers) -> None:
         default=None,
         metavar="COLS",
         help="comma-separated input columns copied to the output, '' for none "
-        "(None: the single-hot sparse id columns)",
+        "(None: the Parquet columns of the single-hot sparse features)",
     )
     parser.add_argument("--nproc", type=positive_int, default=1, metavar="N", help="processes")
     parser.add_argument("--batch_size", type=positive_int, default=4096, metavar="B", help="rows per batch")
