@@ -103,6 +103,7 @@ from towerrec.data.hashing import hash_ids, hash_pairs
 from towerrec.data.transforms import (
     FittedFeatures,
     check_type_drift,
+    checked_ids,
     column_type_ok,
     encode_dense,
     encode_sparse,
@@ -374,20 +375,14 @@ def _map_ids(
     """Table rows of the raw ``ids`` (``flat`` as read, for error messages)."""
     if feature.id_mode == "hash":
         return hash_ids(ids, size)
-    if len(ids) and (ids.min() < 0 or ids.max() >= size):  # two reductions, no temporaries
-        k, note = _first((ids < 0) | (ids >= size)), ""
-        row = k if offsets is None else int(np.searchsorted(offsets, k, side="right")) - 1
-        if offsets is not None:
-            note = f" (element {k - offsets[row]} of the row's list)"
-        raise where.error(
-            feature.name,
-            row,
-            flat[k].as_py(),
-            f"an id in [0, {size}) of table {feature.table!r} (num_embeddings={size}); "
-            "id_mode: hash accepts any id",
-            note,
-        )
-    return ids
+
+    def locate(k: int) -> tuple[int, str]:
+        if offsets is None:
+            return k, ""
+        row = int(np.searchsorted(offsets, k, side="right")) - 1
+        return row, f" (element {k - offsets[row]} of the row's list)"
+
+    return checked_ids(ids, flat, feature, size, where, locate)
 
 
 def _dense(column: pa.Array, name: str, where: _Where) -> np.ndarray:

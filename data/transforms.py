@@ -305,20 +305,7 @@ def _rows(
     """Table rows (int64) of non-null ``values``; ``locate(k)``: row and note of value k, for errors."""
     mode = feature.id_mode
     if mode == "check":
-        ids = _integers(values)
-        bad = (ids < 0) | (ids >= size)
-        if bad.any():
-            k = first(bad)
-            row, note = locate(k)
-            raise where.error(
-                feature.parquet_column,
-                row,
-                values[k].as_py(),
-                f"an id in [0, {size}) of table {feature.table!r} (num_embeddings={size}); "
-                "id_mode: hash accepts any id",
-                note,
-            )
-        return ids
+        return checked_ids(_integers(values), values, feature, size, where, locate)
     if mode == "hash":
         if _is_string(values.type):
             return (string_hashes(values) % np.uint64(size)).astype(np.int64)
@@ -343,6 +330,30 @@ def _rows(
         )
     x = values.to_numpy(zero_copy_only=False)
     return np.searchsorted(boundaries, x, side="right").astype(np.int64)
+
+
+def checked_ids(
+    ids: np.ndarray,
+    values: pa.Array,
+    feature: SparseFeatureConfig,
+    size: int,
+    where: ErrorSite,
+    locate: Callable[[int], tuple[int, str]],
+) -> np.ndarray:
+    """``ids`` (``values`` as read) when every one is a row of the table (``id_mode: check``);
+    ``locate(k)``: row and note of value k, for the error naming the first that is not."""
+    if len(ids) and (ids.min() < 0 or ids.max() >= size):  # two reductions, no temporaries
+        k = first((ids < 0) | (ids >= size))
+        row, note = locate(k)
+        raise where.error(
+            feature.parquet_column,
+            row,
+            values[k].as_py(),
+            f"an id in [0, {size}) of table {feature.table!r} (num_embeddings={size}); "
+            "id_mode: hash accepts any id",
+            note,
+        )
+    return ids
 
 
 def _fitted(fitted: FittedFeatures | None, name: str) -> FittedFeatures:

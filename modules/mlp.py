@@ -34,6 +34,14 @@ def activation_layer(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
+def check_options(norm: str, dropout: float) -> None:
+    """The norm and dropout an MLP (stacked or not) accepts."""
+    if norm != "none" and norm not in _NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from {['none', *sorted(_NORMS)]}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 class MLP(nn.Module):
     """Stack of ``Linear -> activation -> [norm] -> [dropout]`` blocks, one per hidden width.
 
@@ -62,10 +70,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if norm != "none" and norm not in _NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose from {['none', *sorted(_NORMS)]}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_options(norm, dropout)
         layers: list[nn.Module] = []
         width = in_features
         for out in hidden:
@@ -125,10 +130,7 @@ class StackedMLP(Stacked):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if norm != "none" and norm not in _NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose from {['none', *sorted(_NORMS)]}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_options(norm, dropout)
         self.num_members = count_members(parts)
         self.in_features = in_features
         self.hidden = list(hidden)
