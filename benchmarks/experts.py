@@ -3,6 +3,7 @@
     python -m benchmarks.experts                    # Census configs (runs/census), batch 2048
     python -m benchmarks.experts --threads 2        # torch threads (default 1)
     python -m benchmarks.experts --quick            # a check; docs untouched
+    python -m benchmarks.experts --precision fp32 bf16   # training.precision compared; docs untouched
 
 The networks are the trainer's own for the docs/RESULTS.md configs (``benchmarks.quality``'s
 models on the Census data config: ``build_train_module`` builds them), fed pre-built random
@@ -24,11 +25,17 @@ GFLOP/step counts the matmuls of one step (``torch.utils.flop_counter``); GFLOP/
 the median step time. Both implementations do the same matmul work; what differs is how. A second
 table splits DTN's feature-interaction modules: forward + backward of each method's modules of all
 groups, looped and stacked, where most of DTN's step goes.
+
+``--precision fp32 bf16``: instead, the stacked networks at each ``training.precision`` (bf16: the
+trainer's autocast, ``modules.multitask.autocast_forward``), each precision on its own copy of
+the same initial weights, taking turns the same way; printed only. It reports each network's
+bf16 / fp32 step time and the largest absolute difference of the initial logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -40,9 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from towerrec.modules.multitask import autocast_forward
 from towerrec.modules.stacked import unstacked
 
-from benchmarks.report import markdown_table, write_section
+from benchmarks.report import machine, markdown_table, write_section
 
 MODELS = ("ple", "mmoe", "dtn")
 IMPLEMENTATIONS = ("loop", "stacked")
@@ -50,7 +58,8 @@ IMPLEMENTATIONS = ("loop", "stacked")
 
 @dataclass
 class Case:
-    """One network and its inputs: ``step()`` runs forward, backward and the optimizer once."""
+    """One network and its inputs: ``step()`` runs forward, backward and the optimizer once.
+    ``implementation``: ``loop`` or ``stacked``, or the precision of the stacked network."""
 
     model: str
     implementation: str
@@ -97,8 +106,15 @@ def quick_networks() -> Tuple[Dict[str, nn.Module], int, Optional[int]]:
     return networks, 24, shape.width
 
 
-def make_case(model: str, implementation: str, network: nn.Module, inputs: List[torch.Tensor]) -> Case:
-    """A training step of ``network`` (``loop``: its unstacked copy) with its own Adam."""
+def make_case(
+    model: str,
+    implementation: str,
+    network: nn.Module,
+    inputs: List[torch.Tensor],
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> Case:
+    """A training step of ``network`` (``loop``: its unstacked copy) with its own Adam, under
+    autocast in ``autocast_dtype`` as the trainer runs it (None: float32)."""
     net = unstacked(network) if implementation == "loop" else network
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -106,7 +122,7 @@ def make_case(model: str, implementation: str, network: nn.Module, inputs: List[
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = net(*inputs)
+        logits = autocast_forward(net, inputs, autocast_dtype)
         loss = sum(F.binary_cross_entropy_with_logits(v, labels) for v in logits.values())
         loss.backward()
         optimizer.step()
@@ -193,6 +209,73 @@ def report(cases: List[Case], times: Dict[Tuple[str, str], List[float]], batch: 
     )
 
 
+def precision_cases(
+    networks: Dict[str, nn.Module], inputs: Dict[str, List[torch.Tensor]], precisions: List[str]
+) -> Tuple[List[Case], Dict[str, float]]:
+    """The stacked networks' steps at each precision (each on its own copy of the weights), and per
+    network the largest |logit difference| between the precisions before any step."""
+    from towerrec.trainer.model import AUTOCAST_DTYPES
+
+    cases, max_diff = [], {}
+    for model, network in networks.items():
+        copies = {p: copy.deepcopy(network).train() for p in precisions}
+        with torch.no_grad():
+            logits = {p: autocast_forward(copies[p], inputs[model], AUTOCAST_DTYPES[p]) for p in precisions}
+        max_diff[model] = max(
+            (logits[p][t] - logits[precisions[0]][t]).abs().max().item()
+            for p in precisions
+            for t in logits[p]
+        )
+        for p in precisions:
+            cases.append(make_case(model, p, copies[p], inputs[model], AUTOCAST_DTYPES[p]))
+    return cases, max_diff
+
+
+def precision_report(
+    cases: List[Case], times: Dict[Tuple[str, str], List[float]], max_diff: Dict[str, float], batch: int
+) -> str:
+    precisions = list(dict.fromkeys(c.implementation for c in cases))
+    median = {key: statistics.median(v) for key, v in times.items()}
+    flops = {c.model: c.flops for c in cases}
+    base = precisions[0]
+
+    def row(model: str) -> List[str]:
+        cells = [model] + [f"{median[model, p] * 1e3:.1f}" for p in precisions]
+        cells += [f"{median[model, p] / median[model, base]:.2f}" for p in precisions[1:]]
+        cells += [f"{batch / median[model, p]:,.0f}" for p in precisions]
+        return cells + [f"{max_diff[model]:.2e}", f"{flops[model] / 1e9:.2f}"]
+
+    header = ["network"] + [f"{p} ms/step" for p in precisions]
+    header += [f"{p} / {base} time" for p in precisions[1:]] + [f"{p} samples/s" for p in precisions]
+    header += ["max abs initial logit diff", "GFLOP/step"]
+    models = list(dict.fromkeys(c.model for c in cases))
+    dtn_ple = ", ".join(f"{p} {median['dtn', p] / median['ple', p]:.1f}x" for p in precisions)
+    return (
+        markdown_table(header, [row(m) for m in models])
+        + f"\n\nDTN / PLE time per step: {dtn_ple}."
+        + f"\n\nMedians of {len(next(iter(times.values())))} windows per cell, the cells taking turns; "
+        "measured on a shared machine under load, so compare within this run."
+    )
+
+
+def compare_precisions(
+    args: argparse.Namespace,
+    networks: Dict[str, nn.Module],
+    inputs: Dict[str, List[torch.Tensor]],
+    batch: int,
+) -> None:
+    """``--precision``: the stacked networks' steps at each precision, printed (docs untouched)."""
+    cases, max_diff = precision_cases(networks, inputs, list(dict.fromkeys(args.precision)))
+    for case in cases:
+        case.flops = count_flops(case)
+    times = measure(cases, 1 if args.quick else args.rounds, 0.05 if args.quick else args.window)
+    print(
+        f"Dense network only: forward + backward + Adam per step, batch {batch}, {args.threads} torch "
+        f"thread(s), stacked networks, {'small (--quick)' if args.quick else 'the Census configs'}; "
+        f"{machine()}.\n\n" + precision_report(cases, times, max_diff, batch)
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -203,23 +286,34 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="windows per cell")
     parser.add_argument("--window", type=float, default=0.5, help="seconds per window (at least one step)")
     parser.add_argument("--quick", action="store_true", help="small networks, one round; docs untouched")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        help="compare the stacked networks at these training.precision values instead; docs untouched",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     networks, in_features, cross_width = quick_networks() if args.quick else census_networks(args.data)
     batch = 64 if args.quick else args.batch
     gen = torch.Generator().manual_seed(0)
-    cases = []
+    inputs: Dict[str, List[torch.Tensor]] = {}
     for model in MODELS:
-        inputs = [torch.randn(batch, in_features, generator=gen).requires_grad_()]
+        inputs[model] = [torch.randn(batch, in_features, generator=gen).requires_grad_()]
         if model == "dtn":
             assert cross_width is not None, "the DTN config reads the cross codebook"
-            inputs.append(torch.randn(batch, cross_width, generator=gen).requires_grad_())
+            inputs[model].append(torch.randn(batch, cross_width, generator=gen).requires_grad_())
+    if args.precision:
+        compare_precisions(args, networks, inputs, batch)
+        return
+    cases = []
+    for model in MODELS:
         for implementation in IMPLEMENTATIONS:
-            cases.append(make_case(model, implementation, networks[model], inputs))
+            cases.append(make_case(model, implementation, networks[model], inputs[model]))
         if model == "dtn":
             for method, stack in networks[model].interactions.items():
                 for implementation in IMPLEMENTATIONS:
-                    cases.append(make_fi_case(method, implementation, stack, inputs))
+                    cases.append(make_fi_case(method, implementation, stack, inputs[model]))
     for case in cases:
         case.flops = count_flops(case)
     times = measure(cases, 1 if args.quick else args.rounds, 0.05 if args.quick else args.window)

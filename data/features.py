@@ -379,7 +379,22 @@ class FittedFeatures:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON: {e}") from None
-        return cls(*_parse(raw, path), source=path)
+        return cls.from_json(raw, path)
+
+    @classmethod
+    def from_json(cls, raw: Any, source: str) -> FittedFeatures:
+        """The statistics of an already parsed ``features.json`` (``to_json`` output carried in a
+        broadcast or an artifact's schema), validated as ``load`` validates the file.
+
+        Example::
+
+            FittedFeatures.from_json(artifact.schema["features"], "model.pt")
+
+        Raises:
+            ValueError: naming ``source`` (where ``raw`` came from) and the missing, unknown or
+                mistyped field.
+        """
+        return cls(*_parse(raw, source), source=source)
 
 
 # ---- reading features.json ------------------------------------------------------------------

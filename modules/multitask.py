@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Collection, Dict, List, Sequence
+from typing import Collection, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,25 @@ def pooled_embedding_width(ebc: EmbeddingBagCollection, exclude: Collection[str]
     """
     configs = ebc.embedding_bag_configs()
     return sum(c.embedding_dim for c in configs for name in c.feature_names if name not in exclude)
+
+
+def autocast_forward(
+    network: nn.Module, inputs: Sequence[torch.Tensor], dtype: Optional[torch.dtype]
+) -> Dict[str, torch.Tensor]:
+    """``network(*inputs)``, under ``torch.autocast(dtype)`` on the inputs' device unless ``dtype``
+    is None, with the logits returned in float32.
+
+    Autocast, not ``.to(dtype)``: the parameters, their gradients and the optimizer states stay
+    float32, only the matmuls (and the ops autocast lists) run in ``dtype``: faster on GPUs and
+    on CPUs with AMX, not on every CPU (``python -m benchmarks.experts --precision fp32 bf16``
+    measures it). The logits go back to float32 so the loss, its gradient and the metrics are
+    computed as without autocast.
+    """
+    if dtype is None:
+        return network(*inputs)
+    with torch.autocast(inputs[0].device.type, dtype=dtype):
+        logits = network(*inputs)
+    return {task: logit.float() for task, logit in logits.items()}
 
 
 class MultiTaskModel(nn.Module):
@@ -38,6 +57,9 @@ class MultiTaskModel(nn.Module):
         network (nn.Module): maps ``[B, in_features]`` to ``{task: logit [B]}``; if it has an
             ``in_features`` attribute it must equal ``self.in_features``.
         cross_features (Sequence[str]): features whose vectors form the network's ``cross`` input.
+        autocast_dtype (Optional[torch.dtype]): run the network (not the tables) under
+            ``torch.autocast`` in this dtype, logits back in float32 (:func:`autocast_forward`);
+            None: float32 throughout.
 
     Example::
 
@@ -54,6 +76,7 @@ class MultiTaskModel(nn.Module):
         num_dense: int,
         network: nn.Module,
         cross_features: Sequence[str] = (),
+        autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if num_dense < 0:
@@ -61,6 +84,7 @@ class MultiTaskModel(nn.Module):
         self.ebc = ebc
         self.network = network
         self.num_dense = num_dense
+        self.autocast_dtype = autocast_dtype
         self.cross_order: List[str] = list(cross_features)
         all_features = [name for c in ebc.embedding_bag_configs() for name in c.feature_names]
         unknown = sorted(set(self.cross_order) - set(all_features))
@@ -80,9 +104,16 @@ class MultiTaskModel(nn.Module):
         # fx-traces this forward and only pipelines a sharded module fed straight from the batch.
         if not self.cross_order:
             pooled = KeyedTensor.regroup([self.ebc(sparse)], [self.pooled_order])[0]
-            return self.network(self._with_dense(pooled, dense))
+            return self._network([self._with_dense(pooled, dense)])
         pooled, cross = KeyedTensor.regroup([self.ebc(sparse)], [self.pooled_order, self.cross_order])
-        return self.network(self._with_dense(pooled, dense), cross)
+        return self._network([self._with_dense(pooled, dense), cross])
+
+    def _network(self, inputs: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        # While TorchRec's pipeline fx-traces this forward the inputs are proxies, with no device
+        # to autocast on and logits that cannot be iterated; the trace only looks for the EBC.
+        if not isinstance(inputs[0], torch.Tensor):
+            return self.network(*inputs)
+        return autocast_forward(self.network, inputs, self.autocast_dtype)
 
     def _with_dense(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         return torch.cat([pooled, dense], dim=1) if self.num_dense > 0 else pooled

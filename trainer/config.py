@@ -159,6 +159,11 @@ class TrainingConfig(StrictModel):
     ``profile_steps``: ``[start, end]`` runs the global steps ``start+1 .. end`` under
     ``torch.profiler`` and writes ``RUN_DIR/profile/rank{r}.json`` (``trainer.profiling``); off
     by default.
+    ``precision``: ``bf16`` runs the dense network (not the embedding tables) under
+    ``torch.autocast(bfloat16)`` in training and evaluation alike: faster matmuls on GPUs and on
+    CPUs with AMX (``benchmarks.experts --precision`` measures it); parameters, gradients,
+    optimizer states, logits, loss and metrics stay float32 (``modules.multitask.autocast_forward``).
+    ``fp32``: no autocast.
     """
 
     batch_size: PositiveInt = 512
@@ -180,6 +185,7 @@ class TrainingConfig(StrictModel):
     nonfinite_max_skips: Annotated[int, Field(ge=0)] = 10
     threads: Literal["auto"] | PositiveInt = "auto"
     profile_steps: StepWindow | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _profile_window(self) -> "TrainingConfig":
@@ -500,8 +506,12 @@ def _rebase_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
     def rebase(p: str) -> str:
         return p if Path(p).is_absolute() else str(base / p)
 
+    sparse = [
+        f.model_copy(update={"vocab_file": rebase(f.vocab_file)}) if f.vocab_file else f
+        for f in config.data.sparse_features
+    ]
     paths = {"train": [rebase(p) for p in config.data.train], "eval": [rebase(p) for p in config.data.eval]}
-    data = config.data.model_copy(update=paths)
+    data = config.data.model_copy(update={**paths, "sparse_features": sparse})
     return config.model_copy(update={"data": data, "run_dir": rebase(config.run_dir)})
 
 

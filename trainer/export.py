@@ -534,4 +534,5 @@ def _load_trained(run_dir: Path, step: int | None) -> tuple[ExperimentConfig, Tr
     config = ExperimentConfig.model_validate(meta.config)
     module = build_train_module(config, torch.device("meta"))
     load_model_state(run_dir, meta.step, module)  # by step: `latest` may move meanwhile
+    module.model.autocast_dtype = None  # the artifact serves float32, whatever training.precision was
     return config, module.eval(), meta

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch.distributed as dist
 from towerrec.data.config import DataConfig, resolve_paths
-from towerrec.data.features import FEATURES_FILE, FittedFeatures, _parse
+from towerrec.data.features import FEATURES_FILE, FittedFeatures
 from towerrec.trainer.checkpoint import CheckpointError, latest_checkpoint
 from towerrec.trainer.config import ExperimentConfig
 from towerrec.trainer.distributed import DistEnv, RankFailure, describe_error
@@ -49,17 +49,6 @@ class FeaturesFileError(CheckpointError):
 def features_path(run_dir: str | Path) -> Path:
     """``RUN_DIR/features.json``."""
     return Path(run_dir) / FEATURES_FILE
-
-
-def features_from_json(raw: Any, source: str) -> FittedFeatures:
-    """The statistics of a parsed features.json (a broadcast, an artifact's schema), validated as
-    ``FittedFeatures.load`` validates the file; ``source`` names it in messages.
-
-    Example::
-
-        features_from_json(artifact.schema["features"], "model.pt")
-    """
-    return FittedFeatures(*_parse(raw, source), source=source)
 
 
 def _refit_hint(path: Path) -> str:
@@ -144,7 +133,7 @@ def _message(outcome: FittedFeatures | Exception | None) -> dict[str, Any]:
 def _received(message: dict[str, Any], path: Path) -> FittedFeatures | Exception:
     if "error" in message:
         return RankFailure(f"rank 0 could not prepare the fitted features ({path}): {message['error']}")
-    return features_from_json(message["features"], f"{path} (broadcast by rank 0)")
+    return FittedFeatures.from_json(message["features"], f"{path} (broadcast by rank 0)")
 
 
 def _reuse_or_fit(config: ExperimentConfig, path: Path) -> FittedFeatures:

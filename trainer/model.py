@@ -22,6 +22,9 @@ from towerrec.modules.loss import MultiTaskLoss, TaskLossSpec
 from towerrec.modules.multitask import MultiTaskModel, pooled_embedding_width
 from towerrec.trainer.config import ExperimentConfig
 
+# training.precision -> the dense network's autocast dtype (None: float32, no autocast).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
 
 class StepOutput(NamedTuple):
     """Per-step results kept for logging and metrics (all detached)."""
@@ -117,7 +120,8 @@ def loss_specs(data: DataConfig) -> list[TaskLossSpec]:
 
 
 def build_train_module(config: ExperimentConfig, device: torch.device) -> TrainModule:
-    """Embedding tables on ``device`` (``meta`` until DistributedModelParallel shards them)."""
+    """Embedding tables on ``device`` (``meta`` until DistributedModelParallel shards them); the
+    dense network autocast as ``training.precision`` says."""
     data = config.data
     ebc = build_embedding_collection(embedding_bag_configs(data), device)
     num_dense = len(data.dense_features)
@@ -125,7 +129,8 @@ def build_train_module(config: ExperimentConfig, device: torch.device) -> TrainM
     cross_features = data.cross.feature_names if data.cross is not None else []
     in_features = pooled_embedding_width(ebc, exclude=cross_features) + num_dense
     network = build_network(config.model, in_features, task_names, cross_shape(data))
-    model = MultiTaskModel(ebc, num_dense, network, cross_features)
+    autocast_dtype = AUTOCAST_DTYPES[config.training.precision]
+    model = MultiTaskModel(ebc, num_dense, network, cross_features, autocast_dtype)
     loss = MultiTaskLoss(loss_specs(data), config.loss.weighting, config.loss.gradnorm_alpha)
     return TrainModule(model, loss)
 

@@ -47,7 +47,6 @@ from towerrec.data.features import FittedFeatures
 from towerrec.data.files import atomic_output
 from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader
 from towerrec.trainer.distributed import set_threads, size_threads
-from towerrec.trainer.features import features_from_json
 from towerrec.trainer.serving import schema_data_config
 
 SCHEMA_FILE = "towerrec_schema.json"  # the artifact's schema, a TorchScript extra file
@@ -76,7 +75,7 @@ class Artifact:
         """The run's fitted statistics the artifact was exported with (None: none needed, or an
         artifact exported before they existed)."""
         raw = self.schema.get("features")
-        return features_from_json(raw, f"{SCHEMA_FILE} of the artifact") if raw is not None else None
+        return FittedFeatures.from_json(raw, f"{SCHEMA_FILE} of the artifact") if raw is not None else None
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.inference_mode():

@@ -71,12 +71,10 @@ class RowTransform:
     """
 
     def __init__(self, schema: dict[str, Any]) -> None:
-        from towerrec.trainer.features import features_from_json  # the run-level module: lazily
-
         self.data = schema_data_config(schema)
         raw = schema.get("features")
         self.features: FittedFeatures | None = (
-            features_from_json(raw, "the artifact's schema") if raw is not None else None
+            FittedFeatures.from_json(raw, "the artifact's schema") if raw is not None else None
         )
         if FittedFeatures.needs_fit(self.data):
             if self.features is None:

@@ -337,6 +337,28 @@ def test_load_rejects_a_bad_file_naming_the_field(tmp_path, case):
     assert str(target) in str(info.value)
 
 
+def test_from_json_round_trips_to_json():
+    fitted = fitted_example()
+    raw = json.loads(json.dumps(fitted.to_json()))  # as a broadcast or an artifact's schema carries it
+    parsed = FittedFeatures.from_json(raw, "model.pt")
+    assert parsed == fitted and parsed.source == "model.pt"
+    assert parsed.moments("gain").mean == fitted.moments("gain").mean  # bit for bit
+    assert parsed.to_json() == fitted.to_json()
+
+
+@pytest.mark.parametrize("case", ["missing oov_id", "boundary as text", "unknown top field"])
+def test_from_json_rejects_a_bad_record_as_load_does(tmp_path, case):
+    path, value, expected = BAD_FILES[case]
+    raw = _edit(fitted_example().to_json(), path, value)
+    target = tmp_path / "features.json"
+    target.write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as from_file:
+        FittedFeatures.load(target)
+    with pytest.raises(ValueError, match=f"^the artifact's schema: .*{expected}") as from_raw:
+        FittedFeatures.from_json(raw, "the artifact's schema")
+    assert str(from_raw.value) == str(from_file.value).replace(str(target), "the artifact's schema")
+
+
 def test_load_rejects_broken_json(tmp_path):
     target = tmp_path / "features.json"
     target.write_text('{"version": 1,')

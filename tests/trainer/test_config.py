@@ -72,6 +72,14 @@ def test_base_dir_rebases_relative_paths(tmp_path: Path) -> None:
     assert config.run_dir == "/srv/exp/runs/t"
 
 
+def test_base_dir_rebases_a_relative_vocab_file(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    overrides = ["data.sparse_features.0.id_mode=vocab", "data.sparse_features.0.vocab_file=vocab/users.txt"]
+    config = load_config(path, overrides, base_dir="/srv/exp")
+    assert config.data.sparse_features[0].vocab_file == "/srv/exp/vocab/users.txt"
+    assert load_config(path, overrides).data.sparse_features[0].vocab_file == "vocab/users.txt"
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
