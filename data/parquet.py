@@ -62,6 +62,12 @@ field's crosses change with it. Each block's permutation is seeded by the seed, 
 file's index and the block's first row, so a pass with the same files, world size and workers
 permutes the same way.
 
+Nulls: a feature with ``on_null`` default or empty has its nulls replaced (``data.transforms``),
+counted per feature in each chunk's conversion. The counts travel with the batches (a block of
+a run's batches from the reading thread; a worker's message), so the consumer's process holds
+the counts of every row its pass read: ``ParquetDataset.nulls_replaced()``. The trainer sums them
+over the ranks once per pass (metrics.jsonl, phase ``nulls``).
+
 Validation: column presence and types are checked from the footers when the dataset is built
 (``inspect_files``); values while reading. Ids must be non-null (single-hot values, lists and
 list elements), and inside the table for ``id_mode: check``; labels exactly 0 or 1; dense values
@@ -609,15 +615,59 @@ def _stop_prefetch(
     _PREFETCHERS.pop(stop, None)
 
 
-def _flatten(blocks: Iterator[list[T]]) -> Iterator[T]:
-    """The items of each list; closing it closes ``blocks`` (and so stops their thread)."""
+class _Block(NamedTuple):
+    """The batches of one run, and the nulls replaced (``on_null``) per feature in the rows
+    converted since the previous block: the counts travel with the batches, from the reading
+    thread to the consumer (and, in a worker's message, to the rank)."""
+
+    items: list[Batch] | list[PackedBatch]
+    nulls: dict[str, int]
+
+
+def _flatten(blocks: Iterator[_Block], nulls: dict[str, int], label: str) -> Iterator:
+    """The batches of each block, adding its null counts to ``nulls`` as it arrives; closing it
+    closes ``blocks`` (and so stops their thread). ``label`` names the pass in the debug log."""
     try:
-        for items in blocks:
-            yield from items
+        for block in blocks:
+            _add_counts(nulls, block.nulls)
+            yield from block.items
     finally:
         close = getattr(blocks, "close", None)
         if close is not None:
             close()
+    _log_nulls(label, nulls)
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for name, n in counts.items():
+        total[name] = total.get(name, 0) + n
+
+
+def _new_counts(counts: dict[str, int], sent: dict[str, int]) -> dict[str, int]:
+    """What was added to ``counts`` since it was last copied into ``sent`` (updated here)."""
+    new = {name: n - sent.get(name, 0) for name, n in counts.items() if n != sent.get(name, 0)}
+    sent.update(counts)
+    return new
+
+
+def format_nulls(counts: dict[str, int]) -> str:
+    """``feature count`` pairs for a log line. Example: ``"user 1,204; city 0"``."""
+    return "; ".join(f"{name} {n:,}" for name, n in counts.items())
+
+
+def report_nulls(dataset: "ParquetDataset", what: str) -> None:
+    """Log, at INFO, the nulls ``dataset``'s finished pass replaced (``on_null``), when any:
+    ``towerrec evaluate`` and ``predict`` say so as training does (``Trainer._record_nulls``)."""
+    counts = dataset.nulls_replaced()
+    if any(counts.values()):
+        logger.info("%s: nulls replaced (on_null) per feature: %s", what, format_nulls(counts))
+
+
+def _log_nulls(label: str, counts: dict[str, int]) -> None:
+    """One rank's (or worker's) share at the end of a pass, at DEBUG: the trainer logs and
+    records the total over the ranks (``Trainer._record_nulls``), one number per feature."""
+    if any(counts.values()):
+        logger.debug("%s: nulls replaced (on_null) per feature: %s", label, format_nulls(counts))
 
 
 def _check_features(data: DataConfig, features: FittedFeatures | None) -> None:
@@ -735,6 +785,9 @@ class ParquetDataset(IterableDataset[Batch]):
         if permute_feature is not None:
             _check_sparse_feature(data, permute_feature)
         self.permute_feature = permute_feature
+        # The latest pass's null counts in this process (``nulls_replaced``); each pass binds a
+        # new dict, so a copy (``with_permutation``, an iterator's snapshot) never adds to another's.
+        self._pass_nulls: dict[str, int] = {}
 
     def with_permutation(self, feature: str) -> "ParquetDataset":
         """The same files, rank split, batch size and seed with ``feature``'s bags permuted
@@ -803,6 +856,30 @@ class ParquetDataset(IterableDataset[Batch]):
                 ranges.append((path, a, b))
         return ranges, self.shuffle_buffer > 0
 
+    def null_features(self) -> list[str]:
+        """The features whose nulls are replaced (``on_null`` default or empty), in config order."""
+        features = self.data.sparse_features + self.data.dense_feature_configs
+        return [f.name for f in features if f.on_null != "error"]
+
+    def nulls_replaced(self) -> dict[str, int]:
+        """Per :meth:`null_features` feature (zeros included), the nulls replaced or dropped in the
+        rows that this dataset's latest pass in this process has read so far, from every
+        DataLoader worker: this rank's whole share once the pass has ended. A pass cut short
+        counts the rows read (read-ahead included); a resumed epoch, those read since the resume.
+        Empty for a config without such features.
+
+        Example::
+
+            batches = list(make_dataloader(ds, num_workers=2))
+            ds.nulls_replaced()   # {"city": 31, "gain": 12}
+        """
+        counts = self._pass_nulls
+        return {name: counts.get(name, 0) for name in self.null_features()}
+
+    def _new_pass(self) -> dict[str, int]:
+        self._pass_nulls = {}
+        return self._pass_nulls
+
     def __iter__(self) -> Iterator[Batch]:
         """This rank's batches, read in this process: threads decode, convert and lay out the
         next chunk's batches while the consumer works on the last ones."""
@@ -820,26 +897,18 @@ class ParquetDataset(IterableDataset[Batch]):
         snapshot = copy.copy(self)
         # Arrow's decoding threads only in the main process: workers already are the parallelism.
         use_threads = get_worker_info() is None
-        return _flatten(_prefetch(functools.partial(snapshot._blocks, worker, workers, use_threads, unpack)))
+        blocks = _prefetch(functools.partial(snapshot._blocks, worker, workers, use_threads, unpack))
+        label = f"rank {self.rank} epoch {self.epoch}" + (f" worker {worker}" if workers > 1 else "")
+        return _flatten(blocks, self._new_pass(), label)
 
-    def _blocks(
-        self, worker: int, workers: int, use_threads: bool, unpack: bool
-    ) -> Iterator[list[Batch] | list[PackedBatch]]:
-        """Runs in the prefetch thread: the batches of each run of ``_batch_runs``, laid out.
-        At the end, the nulls the transforms replaced (``on_null``) are logged per feature."""
+    def _blocks(self, worker: int, workers: int, use_threads: bool, unpack: bool) -> Iterator[_Block]:
+        """Runs in the prefetch thread: the batches of each run of ``_batch_runs``, laid out,
+        with the nulls replaced in the chunks converted since the previous block."""
         self._null_counts: dict[str, int] = {}
         for run in self._batch_runs(worker, workers, use_threads):
             layout = self._layout(run)
-            yield self._batches(layout) if unpack else self._packed(layout)
-        if self._null_counts:
-            counts = ", ".join(f"{name} {n:,}" for name, n in self._null_counts.items())
-            logger.info(
-                "rank %d epoch %d%s: nulls replaced (on_null) per feature: %s",
-                self.rank,
-                self.epoch,
-                f" worker {worker}" if workers > 1 else "",
-                counts,
-            )
+            nulls, self._null_counts = self._null_counts, {}
+            yield _Block(self._batches(layout) if unpack else self._packed(layout), nulls)
 
     def _count_nulls(self, feature: str, count: int) -> None:
         if count:
@@ -1149,32 +1218,45 @@ class _Layout(NamedTuple):
         return self.floats.shape[1] // dataset.batch_size - len(dataset._tasks) - 1
 
 
-class _PackedBatches(IterableDataset[list[PackedBatch]]):
+class _Message(NamedTuple):
+    """One item a DataLoader worker sends: its next batches, packed, and the nulls replaced
+    (per feature) in the rows it converted since its previous message. The block holding a
+    worker's last batch is laid out after its last conversion, so its last message carries the
+    rest of its counts (and no extra message shifts the DataLoader's turns)."""
+
+    batches: list[PackedBatch]
+    nulls: dict[str, int]
+
+
+class _PackedBatches(IterableDataset[_Message]):
     """What DataLoader workers iterate: the dataset's batches, packed, ``WORKER_BATCHES`` per item
     on a grid from the worker's stretch's start (``resume_plan``)."""
 
     def __init__(self, dataset: ParquetDataset) -> None:
         self.dataset = dataset
 
-    def __iter__(self) -> Iterator[list[PackedBatch]]:
+    def __iter__(self) -> Iterator[_Message]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         ds = self.dataset
         rotation, taken = resume_plan(ds.steps_per_epoch(), workers, ds.start_batch)
         size = WORKER_BATCHES - taken[(worker + rotation) % workers] % WORKER_BATCHES  # to the grid
         item: list[PackedBatch] = []
-        for packed in ds.packed_batches():
+        batches = ds.packed_batches()
+        counts, sent = ds._pass_nulls, {}  # this pass's counts, added to as its blocks arrive
+        for packed in batches:
             item.append(packed)
             if len(item) == size:
-                yield item
+                yield _Message(item, _new_counts(counts, sent))
                 item, size = [], WORKER_BATCHES
         if item:
-            yield item
+            yield _Message(item, _new_counts(counts, sent))
 
 
 class BatchLoader:
     """Iterates :class:`Batch` es: read in this process (no workers; a thread reads ahead), or a
-    DataLoader over packed batches from worker processes, unpacked on arrival."""
+    DataLoader over packed batches from worker processes, unpacked on arrival. Each iteration is
+    a pass of ``dataset``: ``dataset.nulls_replaced()`` counts it, workers included."""
 
     def __init__(self, dataset: ParquetDataset, loader: DataLoader | None, pin_memory: bool = False) -> None:
         self.dataset = dataset
@@ -1183,9 +1265,18 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.loader is not None:  # the DataLoader pins for itself
-            return (packed.unpack() for item in self.loader for packed in item)
+            ds = self.dataset
+            return self._unpacked(iter(self.loader), ds._new_pass(), f"rank {ds.rank} epoch {ds.epoch}")
         batches = iter(self.dataset)
         return (batch.pin_memory() for batch in batches) if self.pin_memory else batches
+
+    @staticmethod
+    def _unpacked(messages: Iterator[_Message], nulls: dict[str, int], label: str) -> Iterator[Batch]:
+        for message in messages:
+            _add_counts(nulls, message.nulls)
+            for packed in message.batches:
+                yield packed.unpack()
+        _log_nulls(label, nulls)
 
     def __len__(self) -> int:
         return len(self.dataset)

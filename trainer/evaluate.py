@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from towerrec.data.config import resolve_paths
-from towerrec.data.parquet import ParquetDataset, make_dataloader
+from towerrec.data.parquet import ParquetDataset, make_dataloader, report_nulls
 from towerrec.trainer.checkpoint import CheckpointMeta, choose_checkpoint, load_model_state, read_meta
 from towerrec.trainer.config import ConfigError, ExperimentConfig, load_config
 from towerrec.trainer.distributed import DistEnv, set_threads, size_threads
@@ -157,6 +157,7 @@ class RunEvaluator:
             for batch in batches:
                 _, out = self.module(batch)
                 metrics.update(out.logits, out.labels, out.example_weights)
+        report_nulls(dataset, f"evaluation of {len(dataset.files)} files")
         return metrics.compute()
 
 

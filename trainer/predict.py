@@ -45,7 +45,7 @@ from towerrec.data.batch import Batch
 from towerrec.data.config import DataConfig, resolve_paths
 from towerrec.data.features import FittedFeatures
 from towerrec.data.files import atomic_output
-from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader
+from towerrec.data.parquet import DataError, ParquetDataset, make_dataloader, report_nulls
 from towerrec.trainer.distributed import set_threads, size_threads
 from towerrec.trainer.serving import schema_data_config
 
@@ -157,6 +157,7 @@ def predict(
                 pending = []
         if pending:
             writer.write_table(pa.concat_tables(pending))
+    report_nulls(dataset, f"predict rank {rank}")
     return out, written
 
 

@@ -24,7 +24,7 @@ from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer
 from towerrec.data.batch import Batch
 from towerrec.data.config import resolve_paths
-from towerrec.data.parquet import ParquetDataset, make_dataloader
+from towerrec.data.parquet import ParquetDataset, format_nulls, make_dataloader
 from towerrec.trainer.checkpoint import CheckpointManager, step_dir_name
 from towerrec.trainer.config import ExperimentConfig, dump_config
 from towerrec.trainer.distributed import DistEnv, StepVote, lockstep
@@ -123,6 +123,38 @@ def _run_phase(
             yield pipeline.progress(batches)
         except StopIteration:
             return
+
+
+class InputTimer:
+    """Wraps the loop's batch iterator and sums the seconds spent waiting in ``next()``: the
+    loader's next batch and lockstep's agreement on it. Its share of a logging window is the
+    ``input_wait`` of metrics.jsonl (torchtitan's data-loading share): near 0 when the input
+    pipeline keeps up, the stall otherwise.
+
+    Example::
+
+        timed = InputTimer(iter(batches))
+        for batch in timed: ...
+        timed.take()  # seconds waited since the last take
+    """
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self.batches = batches
+        self.seconds = 0.0
+
+    def __iter__(self) -> "InputTimer":
+        return self
+
+    def __next__(self) -> Batch:
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 class Trainer:
@@ -310,7 +342,30 @@ class Trainer:
                 for t, m in result.items()
             )
             logger.info("eval step %d epoch %d | %s", self.step, epoch, summary)
+        self._record_nulls(dataset, "eval", epoch)
         return result
+
+    def _record_nulls(self, dataset: ParquetDataset, split: str, epoch: int) -> None:
+        """The nulls replaced (``on_null``) per feature in the pass over ``dataset`` that just
+        ended, summed over the ranks: one number per feature in metrics.jsonl (phase ``nulls``)
+        and in rank 0's log. Every rank calls it at the same point (one all_reduce); nothing to
+        do, and no collective, when no feature of the config replaces nulls."""
+        counts = dataset.nulls_replaced()  # the same features, in config order, on every rank
+        if not counts:
+            return
+        total = torch.tensor(list(counts.values()), dtype=torch.int64)
+        if self.env.world_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.env.cpu_group)
+        summed = dict(zip(counts, total.tolist(), strict=True))
+        self.recorder.record("nulls", self.step, epoch, {"split": split, "nulls_replaced": summed})
+        if self.env.is_main:
+            logger.info(
+                "nulls step %d epoch %d | %s, replaced on all ranks: %s",
+                self.step,
+                epoch,
+                split,
+                format_nulls(summed),
+            )
 
     def _segments(self, steps_left: int) -> list[tuple[int, bool]]:
         """``(length, evaluate after)`` of the training stretches of the rest of an epoch, cut at
@@ -357,7 +412,8 @@ class Trainer:
         window_start, window_steps, losses = time.perf_counter(), 0, 0
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         done = 0
-        for out in _run_phase(self.pipeline, itertools.islice(batches, length)):
+        timed = InputTimer(itertools.islice(batches, length))
+        for out in _run_phase(self.pipeline, timed):
             self.step += 1
             done += 1
             window_steps += 1
@@ -371,17 +427,19 @@ class Trainer:
                 values = {
                     "loss": float(window_loss) / losses if losses else None,  # None: every step skipped
                     "samples_per_s": window_steps * samples_per_step / elapsed,
+                    "input_wait": timed.take() / elapsed,  # share of the window waiting for batches
                     "task_weights": self.loss.task_weights(),  # learned by loss.weighting, or ω_k(t)
                     **self._lrs(),
                 }
                 self.recorder.record("train", self.step, epoch, values)
                 if self.env.is_main:
                     logger.info(
-                        "train step %d epoch %d | loss %.4f (rank 0) | %.0f samples/s",
+                        "train step %d epoch %d | loss %.4f (rank 0) | %.0f samples/s | input wait %.0f%%",
                         self.step,
                         epoch,
                         values["loss"] if losses else float("nan"),
                         values["samples_per_s"],
+                        100 * values["input_wait"],
                     )
                 window_start, window_steps, losses = time.perf_counter(), 0, 0
                 window_loss.zero_()
@@ -459,6 +517,7 @@ class Trainer:
                     if self._stops_early():
                         break
                 _close(batches)
+                self._record_nulls(self.train_set, "train", epoch)
                 if self.stop.agreed or batch < steps_per_epoch:  # max_steps, early stopping, a stop
                     break
                 epoch, batch = epoch + 1, 0

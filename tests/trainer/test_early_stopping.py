@@ -147,7 +147,7 @@ def _fit_stop_resume(rank: int, world_size: int, config_path: str, root: str) ->
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k != "samples_per_s"} for line in lines]
+    return [{k: v for k, v in line.items() if k not in ("samples_per_s", "input_wait")} for line in lines]
 
 
 def _expected_stop(evals: list[tuple[int, float]], patience: int) -> tuple[int, int]:

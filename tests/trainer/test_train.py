@@ -68,7 +68,7 @@ def test_two_rank_run_trains_evaluates_and_records(synth_data: Path, tmp_path: P
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["phase"] == "eval"] == [20, 32, 40, 60, 64]
     assert [x["step"] for x in lines if x["phase"] == "train"] == [10, 20, 30, 40, 50, 60]
-    assert all(x["samples_per_s"] > 0 for x in lines if x["phase"] == "train")
+    assert all(x["samples_per_s"] > 0 and 0 <= x["input_wait"] < 1 for x in lines if x["phase"] == "train")
     assert lines[-1]["click"] == final["click"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
