@@ -93,8 +93,9 @@ import queue
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Generic, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -599,6 +600,41 @@ def _produce(produce: Callable[[], Iterator[T]], items: queue.Queue, stop: threa
     put((_END, None))
 
 
+class _InConsumer(Generic[T]):
+    """``produce()``'s items made in the consumer's own thread, when it asks for them (the rank's
+    training loop; its decode pool still reads ahead without the GIL). :func:`end_workers` stops
+    it as it stops a prefetch thread: the next item is then an error.
+
+    Why not a converting thread in the rank: its Python holds the GIL in turns with the training
+    loop's, and the loop waits for it (a 1-rank demo run trained ~20 % slower with one;
+    ``benchmarks.ceiling``). In a DataLoader worker, whose main thread only sends, ``_prefetch``.
+    """
+
+    def __init__(self, produce: Callable[[], Iterator[T]]) -> None:
+        self._items = produce()
+        self._stopped = False
+        _IN_CONSUMER.add(self)
+
+    def __iter__(self) -> "_InConsumer[T]":
+        return self
+
+    def __next__(self) -> T:
+        if self._stopped:
+            raise RuntimeError("the loader's reading was stopped (end_workers)")
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items.close()
+
+    def stop(self) -> None:
+        self._stopped = True
+        with contextlib.suppress(ValueError):  # being advanced in another thread: it ends there
+            self._items.close()
+
+
+_IN_CONSUMER: "weakref.WeakSet[_InConsumer]" = weakref.WeakSet()
+
+
 def _stop_prefetch(
     stop: threading.Event, thread: threading.Thread, items: queue.Queue, timeout: float = 30.0
 ) -> None:
@@ -881,8 +917,8 @@ class ParquetDataset(IterableDataset[Batch]):
         return self._pass_nulls
 
     def __iter__(self) -> Iterator[Batch]:
-        """This rank's batches, read in this process: threads decode, convert and lay out the
-        next chunk's batches while the consumer works on the last ones."""
+        """This rank's batches, read in this process: Arrow's threads decode the next chunks
+        while the consumer works; each chunk is converted and laid out when its batches are due."""
         return self._iterate(0, 1, unpack=True)
 
     def packed_batches(self) -> Iterator[PackedBatch]:
@@ -895,14 +931,17 @@ class ParquetDataset(IterableDataset[Batch]):
         # A snapshot when the iterator is made: set_epoch for the next epoch must not change an
         # epoch being read (a pipeline may still hold the last one's iterator).
         snapshot = copy.copy(self)
-        # Arrow's decoding threads only in the main process: workers already are the parallelism.
-        use_threads = get_worker_info() is None
-        blocks = _prefetch(functools.partial(snapshot._blocks, worker, workers, use_threads, unpack))
+        # In the rank: Arrow's decoding threads, conversion in the consumer's thread (_InConsumer).
+        # In a worker: one decoding thread (workers already are the parallelism), a converting one.
+        in_rank = get_worker_info() is None
+        produce = functools.partial(snapshot._blocks, worker, workers, in_rank, unpack)
+        blocks = _InConsumer(produce) if in_rank else _prefetch(produce)
         label = f"rank {self.rank} epoch {self.epoch}" + (f" worker {worker}" if workers > 1 else "")
         return _flatten(blocks, self._new_pass(), label)
 
     def _blocks(self, worker: int, workers: int, use_threads: bool, unpack: bool) -> Iterator[_Block]:
-        """Runs in the prefetch thread: the batches of each run of ``_batch_runs``, laid out,
+        """The batches of each run of ``_batch_runs``, laid out (in the consumer's thread, or a
+        worker's prefetch thread),
         with the nulls replaced in the chunks converted since the previous block."""
         self._null_counts: dict[str, int] = {}
         for run in self._batch_runs(worker, workers, use_threads):
@@ -1325,13 +1364,16 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 @atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
 def end_workers() -> None:
-    """Stop this process's loader prefetch threads and SIGKILL the DataLoader workers still alive
-    (a loader abandoned mid-epoch, a rank leaving on an error or a signal). Under a rank they
+    """Stop this process's loader prefetch threads and in-rank readers, and SIGKILL the
+    DataLoader workers still alive (a loader abandoned mid-epoch, a rank leaving on an error or a
+    signal). Under a rank they
     ignore SIGTERM, and multiprocessing's exit handler SIGTERMs daemonic children and then joins
     them: the process would never exit (or, under torchrun, wait for its SIGKILL 30 s later). The
     DataLoader's SIGCHLD handler, which raises for a killed worker, is reset first."""
     for stop, (thread, items) in list(_PREFETCHERS.items()):
         _stop_prefetch(stop, thread, items, timeout=5.0)
+    for reader in list(_IN_CONSUMER):
+        reader.stop()
     workers = [child for child in multiprocessing.active_children() if child.daemon]
     if workers and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)

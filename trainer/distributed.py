@@ -356,6 +356,8 @@ def lockstep(
         depth = 0
     group = group if group is not None and dist.is_initialized() else None
     world = dist.get_world_size(group) if group is not None else 1
+    if world == 1:
+        group = None  # one rank: its own flags are the sums, no collective to post
     source: _Source[T] = _Source(batches)
     rounds: deque[_Round[T]] = deque()
     try:
