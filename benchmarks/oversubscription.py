@@ -6,8 +6,9 @@ one gets alone, with the default threads, and not collapse.
 
 Each setting runs one job alone, then two (A and B) started together, on the same synthetic data
 (the demo model); samples/s are each job's ``metrics.jsonl`` windows less the first, median.
-``training.threads: auto`` gives a 1-rank job ``cores - num_workers`` torch threads; the old
-default (torch's own: every core, beside the loader worker) is ``training.threads: <cores>``.
+``training.threads: auto`` gives a 1-rank job ``cores - num_workers`` torch threads and gives
+them back while another process busies the cores (``trainer.cpu_share``); torch's own default,
+every core whatever else runs, is ``training.threads: <cores>``.
 Before threads were sized, such a job fell from 20,000+ to ~500 samples/s while another process
 was busy: its spinning OpenMP threads and its worker take turns on the cores with the other job's.
 """

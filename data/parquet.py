@@ -38,13 +38,16 @@ Reading (the fast path): the rows of a stretch are cut into decode units, consec
 of one file holding at least ``read_rows`` rows (32,768). A small pool of threads (as many as
 Arrow's CPU pool in the trainer's process, one in a DataLoader worker) decodes the next units
 ahead, in order, each with one Arrow ``iter_batches`` call in chunks of ``read_rows`` rows that
-may span row groups; Arrow decodes without the GIL. A second thread converts each chunk once,
-vectorised over all its rows (``ParquetDataset._convert``: ids, lengths, dense, labels,
+may span row groups; Arrow decodes without the GIL. The consumer's thread (in a DataLoader
+worker, a second thread) converts each chunk once when its batches are due, vectorised over all
+its rows (``ParquetDataset._convert``: ids, lengths, dense, labels,
 validation), and lays the batches it completes out together in their final buffers
 (``ParquetDataset._layout``: per batch one int64 buffer of ids and int32 lengths, one float32
 buffer of dense, labels and weights, padding included), each :class:`Batch` views of them made
 by a few torch calls per chunk. Lengths stay int32 from the Parquet offsets to the
-KeyedJaggedTensor. Meanwhile the consumer trains on the batches before. In a DataLoader worker
+KeyedJaggedTensor. In the rank a chunk's conversion (a few ms per 32k rows) costs the training
+loop less than a converting thread would: that thread's Python holds the GIL in turns with the
+loop's (:class:`_InConsumer`). In a DataLoader worker
 each batch's two buffers are numpy views, pickled as two byte strings through the worker's pipe
 (``WORKER_BATCHES`` batches per message): a batch crosses processes once, and no shared-memory
 segment or file descriptor is handed over per tensor.
@@ -64,7 +67,7 @@ permutes the same way.
 
 Nulls: a feature with ``on_null`` default or empty has its nulls replaced (``data.transforms``),
 counted per feature in each chunk's conversion. The counts travel with the batches (a block of
-a run's batches from the reading thread; a worker's message), so the consumer's process holds
+a run's batches; a worker's message), so the consumer's process holds
 the counts of every row its pass read: ``ParquetDataset.nulls_replaced()``. The trainer sums them
 over the ranks once per pass (metrics.jsonl, phase ``nulls``).
 
@@ -72,8 +75,8 @@ Validation: column presence and types are checked from the footers when the data
 (``inspect_files``); values while reading. Ids must be non-null (single-hot values, lists and
 list elements), and inside the table for ``id_mode: check``; labels exactly 0 or 1; dense values
 non-null (NaN passes through unchanged). A violation raises ``DataError`` naming the file, row
-group, column, row within the file, the value and what was expected; raised in the reading
-thread, it reaches the consumer at the batch where it happened.
+group, column, row within the file, the value and what was expected; raised while converting
+(in a worker's thread too), it reaches the consumer at the batch where it happened.
 """
 
 from __future__ import annotations
@@ -621,6 +624,8 @@ class _InConsumer(Generic[T]):
     def __next__(self) -> T:
         if self._stopped:
             raise RuntimeError("the loader's reading was stopped (end_workers)")
+        if not getattr(_THREAD, "sized", False):
+            _one_torch_thread_unless_main()
         return next(self._items)
 
     def close(self) -> None:
@@ -633,6 +638,20 @@ class _InConsumer(Generic[T]):
 
 
 _IN_CONSUMER: "weakref.WeakSet[_InConsumer]" = weakref.WeakSet()
+_THREAD = threading.local()
+
+
+def _one_torch_thread_unless_main() -> None:
+    """A consumer in a thread other than the main one (TorchRec's evaluation pipeline reads its
+    batches in a thread of its own) converts with one torch thread. With more, its first parallel
+    op gives that thread an OpenMP team of its own; libgomp then counts more threads than cores
+    and, for the rest of the process, makes every team's waits sleep in the kernel instead of
+    spinning: a 1-rank Census run trained at ~5,000-11,000 samples/s after its first evaluation
+    instead of ~28,000. ``torch.set_num_threads`` here sizes only this thread's OpenMP pool
+    (torch reads the thread's own OpenMP setting); the training loop's stays as planned."""
+    if threading.current_thread() is not threading.main_thread():
+        torch.set_num_threads(1)
+    _THREAD.sized = True
 
 
 def _stop_prefetch(
@@ -1082,8 +1101,9 @@ class ParquetDataset(IterableDataset[Batch]):
     def _convert(self, rb: pa.RecordBatch, where: _Where) -> _Rows:
         """The per-chunk step: Arrow columns of N rows (a chunk of many batches) to each sparse
         feature's int64 ids and int32 bag sizes (None: one id per row), dense float32 [N, D] and
-        labels float32 [T, N], validated. Vectorised over the chunk, run in the reading thread;
-        per-column transforms belong here (``_Rows.build`` takes ids and sizes)."""
+        labels float32 [T, N], validated. Vectorised over the chunk, run by the consumer (a
+        worker's converting thread); per-column transforms belong here (``_Rows.build`` takes ids
+        and sizes)."""
         n = rb.num_rows
         values, lengths, offsets = [], [], []
         cross = self.data.cross
@@ -1322,8 +1342,8 @@ class BatchLoader:
 
 
 def make_dataloader(dataset: ParquetDataset, num_workers: int, prefetch_factor: int = 2) -> BatchLoader:
-    """A loader over ready-made batches. ``num_workers`` 0 reads in this process (a thread reads
-    ahead); otherwise DataLoader worker processes, re-created each epoch so ``set_epoch`` applies.
+    """A loader over ready-made batches. ``num_workers`` 0 reads in this process (Arrow's threads
+    decode ahead); otherwise DataLoader worker processes, re-created each epoch so ``set_epoch`` applies.
 
     Example::
 

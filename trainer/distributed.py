@@ -109,7 +109,8 @@ class ThreadPlan:
 
     ``cores``: the cores this process may run on; ``intra_op``/``interop``: torch's thread pools;
     ``workers``: DataLoader worker processes (one core each: torch gives them one thread, they
-    decode without Arrow threads); ``arrow``: Arrow's CPU pool, which decodes Parquet in the rank.
+    decode without Arrow threads); ``arrow``: Arrow's CPU pool, which decodes Parquet in the rank
+    (ahead of the training loop, which converts each chunk itself: no core of its own).
     """
 
     cores: int
@@ -122,9 +123,8 @@ class ThreadPlan:
 
     @property
     def busy(self) -> int:
-        """Threads and processes of this node's ranks that compute at once (the loader counts one
-        even with no worker process: its converting thread runs in the rank)."""
-        return self.local_world_size * (self.intra_op + max(self.workers, 1))
+        """Threads and processes of this node's ranks that compute at once."""
+        return self.local_world_size * (self.intra_op + self.workers)
 
     def oversubscription(self) -> str | None:
         """Why ``local ranks x (intra-op threads + workers)`` exceeds the cores, or None."""
@@ -132,7 +132,7 @@ class ThreadPlan:
             return None
         return (
             f"{self.local_world_size} local rank(s) x ({self.intra_op} intra-op threads + "
-            f"{max(self.workers, 1)} loader) = {self.busy} busy on {self.cores} cores: they take turns on "
+            f"{self.workers} loader workers) = {self.busy} busy on {self.cores} cores: they take turns on "
             "the cores and training slows down, most when another process is busy"
         )
 
@@ -193,25 +193,26 @@ def _read_fields(path: str) -> list[str] | None:
 def size_threads(
     requested: int | str, local_world_size: int, workers: int, cores: int | None = None
 ) -> ThreadPlan:
-    """The threads of one rank so that ``local ranks x (intra-op threads + loader)`` fits the
-    cores: ``requested`` ``"auto"`` gives ``max(1, cores // local_world_size - max(workers, 1))``
+    """The threads of one rank so that ``local ranks x (intra-op threads + loader workers)`` fits
+    the cores: ``requested`` ``"auto"`` gives ``max(1, cores // local_world_size - workers)``
     intra-op threads, an int exactly that many (:meth:`ThreadPlan.oversubscription` says when it
-    does not fit). The loader takes one core of the share even with ``num_workers`` 0: its
-    converting thread runs in the rank beside the torch threads, and OpenMP threads that must wait
-    for a busy core stall every step (measured: a 1-rank run with 2 torch threads on 2 cores fell
-    to a few thousand samples/s while another process ran; with 1, ~50,000). Arrow's pool gets the
-    rank's cores the torch threads leave, at least 1 (it decodes in the rank only; workers decode
-    single-threaded). ``cores``: default :func:`available_cores`.
+    does not fit). Each worker process takes a core of the share; with ``num_workers`` 0 the
+    training loop converts the batches itself between steps, and Arrow's decoding threads (the
+    rank's cores the torch threads leave, at least 1; workers decode single-threaded) read ahead
+    while they wait. Under ``auto``, ``trainer.cpu_share.ThreadGovernor`` gives threads back when
+    other processes busy the same cores (OpenMP threads that must wait for a busy core stall every
+    step: two 2-thread jobs on 2 cores fell from ~57,000 to ~1,500 samples/s each).
+    ``cores``: default :func:`available_cores`.
 
     Example::
 
         size_threads("auto", local_world_size=1, workers=1, cores=8).intra_op   # 7
-        size_threads("auto", local_world_size=1, workers=0, cores=8).intra_op   # 7
-        size_threads("auto", local_world_size=2, workers=0, cores=8).intra_op   # 3
+        size_threads("auto", local_world_size=1, workers=0, cores=8).intra_op   # 8
+        size_threads("auto", local_world_size=2, workers=0, cores=8).intra_op   # 4
     """
     cores = available_cores() if cores is None else cores
     share = max(1, cores // max(1, local_world_size))
-    intra = max(1, share - max(workers, 1)) if requested == "auto" else int(requested)
+    intra = max(1, share - workers) if requested == "auto" else int(requested)
     if intra < 1:
         raise ValueError(f"training.threads: {requested}; expected auto or an integer >= 1")
     return ThreadPlan(
@@ -249,7 +250,7 @@ def set_threads(plan: ThreadPlan, announce: bool = True) -> None:
                 "training.threads: %s: %s; use auto or at most %d",
                 plan.requested,
                 warning,
-                max(1, plan.cores // plan.local_world_size - max(plan.workers, 1)),
+                max(1, plan.cores // plan.local_world_size - plan.workers),
             )
 
 

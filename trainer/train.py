@@ -27,7 +27,8 @@ from towerrec.data.config import resolve_paths
 from towerrec.data.parquet import ParquetDataset, format_nulls, make_dataloader
 from towerrec.trainer.checkpoint import CheckpointManager, step_dir_name
 from towerrec.trainer.config import ExperimentConfig, dump_config
-from towerrec.trainer.distributed import DistEnv, StepVote, lockstep
+from towerrec.trainer.cpu_share import ThreadGovernor
+from towerrec.trainer.distributed import DistEnv, StepVote, lockstep, size_threads
 from towerrec.trainer.early_stopping import EarlyStopping
 from towerrec.trainer.features import run_features
 from towerrec.trainer.importance import ImportanceResult, permutation_importance, write_importance
@@ -231,6 +232,9 @@ class Trainer:
         if self.table_optimizer is not None:
             checked.update(self.table_optimizer.params)
         self.pipeline = GuardedTrainPipeline(self.model, optimizer, env.device, self.nonfinite, checked)
+        # The threads trainer.main planned: given back while other processes busy the same cores.
+        plan = size_threads(training.threads, env.local_world_size, training.num_workers)
+        self.governor = ThreadGovernor.for_plan(plan, env.local_world_size)
         if training.profile_steps is not None:  # a window of steps under torch.profiler
             profiler = StepProfiler(training.profile_steps, lambda: self.step, config.run_dir, env.rank)
             profiler.attach(self.pipeline)
@@ -414,6 +418,8 @@ class Trainer:
         done = 0
         timed = InputTimer(itertools.islice(batches, length))
         for out in _run_phase(self.pipeline, timed):
+            if self.governor is not None:
+                self.governor.tick()
             self.step += 1
             done += 1
             window_steps += 1

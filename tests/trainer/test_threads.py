@@ -17,10 +17,10 @@ from towerrec.trainer.distributed import available_cores, set_threads, size_thre
     ("cores", "ranks", "workers", "intra", "arrow"),
     [
         (2, 1, 1, 1, 1),  # this machine: one rank, one worker
-        (2, 1, 0, 1, 1),  # no worker: the rank's loader thread still takes a core
+        (2, 1, 0, 2, 1),  # no worker: the loop converts between steps, every core computes
         (8, 1, 2, 6, 2),
         (8, 2, 1, 3, 1),  # 2 x (3 + 1) = 8
-        (16, 4, 0, 3, 1),
+        (16, 4, 0, 4, 1),
         (2, 2, 1, 1, 1),  # no core left for compute: still 1 thread
         (3, 2, 0, 1, 1),  # 3 // 2 = 1 core per rank
     ],
@@ -28,7 +28,7 @@ from towerrec.trainer.distributed import available_cores, set_threads, size_thre
 def test_auto_fits_ranks_and_workers_to_the_cores(cores, ranks, workers, intra, arrow):
     plan = size_threads("auto", local_world_size=ranks, workers=workers, cores=cores)
     assert (plan.intra_op, plan.interop, plan.arrow) == (intra, intra, arrow)
-    fits = ranks * (1 + max(workers, 1)) <= cores  # when 1 thread beside the loader fits, auto fits
+    fits = ranks * (1 + workers) <= cores  # when 1 thread beside the workers fits, auto fits
     assert (plan.busy <= cores) == fits
     assert (plan.oversubscription() is None) == fits
 
@@ -54,7 +54,7 @@ def test_an_explicit_count_is_used_and_warns_when_it_oversubscribes(caplog):
         assert torch.get_num_threads() == 4
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.getMessage() == (
-        "training.threads: 4: 1 local rank(s) x (4 intra-op threads + 1 loader) = 5 busy on 2 "
+        "training.threads: 4: 1 local rank(s) x (4 intra-op threads + 1 loader workers) = 5 busy on 2 "
         "cores: they take turns on the cores and training slows down, most when another process is "
         "busy; use auto or at most 1"
     )
