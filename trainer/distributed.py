@@ -291,14 +291,14 @@ class _Round(Generic[T]):
     over the ranks once ``work`` is waited."""
 
     batch: T | None
-    flags: torch.Tensor
+    flags: torch.Tensor | list[int]  # a list when there is no group to sum over
     work: dist.Work | None
 
     def wait(self) -> list[int]:
         if self.work is not None:
             self.work.wait()
             self.work = None
-        return self.flags.tolist()
+        return self.flags if isinstance(self.flags, list) else self.flags.tolist()
 
 
 class _Source(Generic[T]):
@@ -397,11 +397,11 @@ def lockstep(
 def _post(source: _Source[T], votes: Sequence[StepVote], group: dist.ProcessGroup | None) -> _Round[T]:
     """Fetch the next batch and post its all-reduce: ``[exhausted, failed, *votes]``."""
     status, batch = source.next()
-    own = [status == _EXHAUSTED, status == _FAILED, *(v.vote() for v in votes)]
+    own = [int(status == _EXHAUSTED), int(status == _FAILED), *(int(v.vote()) for v in votes)]
+    if group is None:
+        return _Round(batch, own, None)
     flags = torch.tensor(own, dtype=torch.int64)
-    work = None
-    if group is not None:
-        work = dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    work = dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return _Round(batch, flags, work)
 
 
