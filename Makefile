@@ -22,7 +22,7 @@ demo: setup
 	[print(f'  {t:<12} auc {v[\"auc\"]:.4f}  ne {v[\"ne\"]:.4f}  logloss {v[\"logloss\"]:.4f}') for t, v in m.items()]"
 
 test: setup
-	python -m pytest -q tests
+	python -m pytest -q --durations=15 tests
 
 # The example shard plans under docs/plans/ (billion-row tables on clusters that need not exist).
 PLAN_CONFIG ?= configs/billion_scale.yaml
