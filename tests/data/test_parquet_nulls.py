@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from nulls_utils import nulls_in
 from towerrec.data.config import DataConfig
 from towerrec.data.parquet import ParquetDataset, make_dataloader
 
@@ -37,14 +37,7 @@ def null_table(n: int, seed: int) -> pa.Table:
 
 def expected_nulls(files: list[Path]) -> dict[str, int]:
     """What every rank's passes add up to, from the files."""
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    tags = table["tags"]
-    return {
-        "city": table["city"].null_count,
-        "user": table["user"].null_count,
-        "tags": tags.null_count + pc.sum(pc.is_null(pc.list_flatten(tags))).as_py(),
-        "gain": table["gain"].null_count,
-    }
+    return nulls_in(files, ["city", "user", "tags", "gain"])
 
 
 def null_config(**changes) -> DataConfig:
