@@ -132,6 +132,10 @@ class TreeMonitor:
     # A USS reading walks the process's page tables (smaps_rollup): for a worker mapping a rank's
     # tables that costs CPU the ranks need, so it is read every 5th poll only.
     USS_EVERY = 5
+    # A child seen running its parent's program may yet exec one (a forkserver does, within
+    # milliseconds): it is named and numbered once it has been seen that long. Its high-water
+    # mark keeps the peak it reaches meanwhile.
+    SETTLE_S = 1.0
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.root = psutil.Process(pid)
@@ -141,6 +145,7 @@ class TreeMonitor:
         self._forked: set[int] = set()
         self._children: dict[int, int] = {}  # parent pid -> children numbered so far
         self._owner: dict[int, ProcessPeak] = {}  # forkserver pid -> the process it serves
+        self._first_seen: dict[int, float] = {}  # unnamed forked pid -> monotonic time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -170,8 +175,8 @@ class TreeMonitor:
             try:
                 peak = self._peaks.get(proc.pid)
                 if peak is None or (proc.pid in self._forked and proc.cmdline() != peak.command):
-                    if not proc.cmdline():  # not readable yet (starting, exec'ing): next poll
-                        continue
+                    if not proc.cmdline() or (peak is None and self._just_forked(proc)):
+                        continue  # not readable yet, or may still exec: next poll
                     peak = self._add(proc)  # new, or a fork that has since exec'd a program
                 rss = _high_water_mark(proc.pid) or proc.memory_info().rss
                 peak.rss = max(peak.rss, rss)
@@ -180,6 +185,14 @@ class TreeMonitor:
                     peak.uss = max(peak.uss or 0, uss)
             except psutil.Error:  # exited between the listing and the reading
                 continue
+
+    def _just_forked(self, proc: psutil.Process) -> bool:
+        parent = self._peaks.get(proc.ppid())
+        if parent is None or proc.cmdline() != parent.command:
+            return False
+        # psutil's create_time rests on a boot time rounded to the second: the monitor's own clock
+        first_seen = self._first_seen.setdefault(proc.pid, time.monotonic())
+        return time.monotonic() - first_seen < self.SETTLE_S
 
     def _add(self, proc: psutil.Process) -> ProcessPeak:
         parent = self._peaks.get(proc.ppid())

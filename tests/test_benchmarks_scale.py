@@ -38,6 +38,37 @@ def test_tree_monitor_sees_every_process_and_a_forked_childs_own_memory():
     assert child.rss > 250 * MB and child.uss is not None and child.uss < 50 * MB
 
 
+def test_tree_monitor_numbers_workers_after_a_forked_child_execs_a_forkserver():
+    # multiprocessing's forkserver is forked, then exec's: seen before its exec it still runs its
+    # starter's program, and must not take the starter's first worker number.
+    server = textwrap.dedent(
+        """
+        import os, time
+        worker = os.fork()
+        if worker == 0:
+            time.sleep(1.5)
+            os._exit(0)
+        os.waitpid(worker, 0)
+        """
+    )
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time
+        child = os.fork()
+        if child == 0:
+            time.sleep(0.5)                 # polled meanwhile with the parent's command line
+            marker = "multi" + "processing.forkserver"  # names the exec'd program only
+            os.execv(sys.executable, [sys.executable, "-c", {server!r}, marker])
+        os.waitpid(child, 0)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    with TreeMonitor(proc.pid, interval=0.05) as monitor:
+        assert proc.wait(timeout=60) == 0
+    labels = [p.label for p in monitor.peaks()]
+    assert labels == ["python -c", "python -c / forkserver", "python -c / worker 1"]
+
+
 def test_quick_lifecycle_measures_every_stage_and_writes_the_report(tmp_path):
     doc, work = tmp_path / "SCALE.md", tmp_path / "work"
     result = subprocess.run(
