@@ -63,6 +63,22 @@ MODELS: dict[str, dict[str, Any]] = {
         "combine": "concat",
         **MLP,
     },
+    # DTN at about a quarter of the dense cost: low-rank GDCN, one MaskNet block with a narrow
+    # mask (docs/RESULTS.md: quality; docs/BENCHMARKS.md: time per epoch against PLE).
+    "dtn_lite": {
+        "type": "dtn",
+        "methods": ["gdcn", "masknet", "memonet"],
+        "module_width": 64,
+        "gdcn_rank": 16,
+        "gdcn_layers": 1,
+        "masknet_blocks": 1,
+        "masknet_mask_width": 16,
+        "masknet_block_width": 32,
+        "masknet_hidden": [64],
+        "gate_selector": "input",
+        "combine": "concat",
+        **MLP,
+    },
 }
 
 
@@ -170,9 +186,10 @@ def run_config(
                 "`towerrec data hillstrom --conversion_space all`)"
             )
     model = dict(MODELS[run.model])
-    if run.model == "dtn":
+    if "memonet" in model.get("methods", []):
         data["tables"] = data["tables"] + [CODEBOOK]
         data["cross"] = {"table": CODEBOOK["name"], "fields": preset.cross_fields}
+    if model["type"] == "dtn":
         model["dependencies"] = preset.dependencies
     stopping = {"metric": f"{selection_task(preset, run)}.auc", "patience": preset.patience}
     training.update({"epochs": epochs, "seed": run.seed, "log_interval": 100, "early_stopping": stopping})

@@ -117,11 +117,12 @@ def build_dtn(
     """
     mlp_kw = _mlp_kwargs(config.mlp)
     options: Dict[str, Dict[str, Any]] = {
-        "gdcn": {"num_layers": config.gdcn_layers},
+        "gdcn": {"num_layers": config.gdcn_layers, "rank": config.gdcn_rank},
         "masknet": {
             "num_blocks": config.masknet_blocks,
             "block_width": config.masknet_block_width,
             "hidden": list(config.masknet_hidden),
+            "mask_width": config.masknet_mask_width,
             **mlp_kw,
         },
         "dcnv2": {"num_layers": config.dcn_layers},

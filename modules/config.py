@@ -133,6 +133,9 @@ class DTNConfig(_ModelSection):
     the codebook is a table of the sharded collection and the loader computes its ids.
     ``dependencies``: task -> parent task (TSN); cycles are rejected here, unknown task names by the
     experiment config (which knows the tasks) and by the module.
+    ``gdcn_rank``: low-rank GDCN cross and gate matrices (None: full, ``[in, in]``);
+    ``masknet_mask_width``: width of each MaskNet mask's hidden layer (None: the input's width).
+    Both cut the cost of the two methods that dominate DTN's step when the input is wide.
     ``gate_selector``: ``input`` (gate on x) or ``self`` (each module scored from its own output).
     ``combine``: tower input ``concat(S_pool, S_self)`` (width 2d) or ``S_pool + S_self`` (width d).
     """
@@ -145,8 +148,10 @@ class DTNConfig(_ModelSection):
     module_width: PositiveInt = 256
     instances_per_method: PositiveInt = 1
     gdcn_layers: PositiveInt = 2
+    gdcn_rank: Optional[PositiveInt] = None
     masknet_blocks: PositiveInt = 2
     masknet_block_width: PositiveInt = 128
+    masknet_mask_width: Optional[PositiveInt] = None
     masknet_hidden: list[PositiveInt] = [256, 256]
     dcn_layers: PositiveInt = 2
     interaction_mlp_hidden: list[PositiveInt] = [256, 256]

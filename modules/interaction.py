@@ -2,8 +2,11 @@
 
 Methods (docs/MODELS.md, DTN section), registered by name in :data:`INTERACTIONS`:
 
-- ``gdcn``: gated cross network, ``c_{l+1} = c_0 ⊙ (W_l c_l + b_l) ⊙ sigmoid(U_l c_l) + c_l``, then Linear.
-- ``masknet``: parallel MaskNet, b blocks of instance-guided masks, concatenated, then an MLP.
+- ``gdcn``: gated cross network, ``c_{l+1} = c_0 ⊙ (W_l c_l + b_l) ⊙ sigmoid(U_l c_l) + c_l``, then Linear;
+  optionally low-rank (``rank``: ``W_l`` and ``U_l`` each a product of two thin matrices, as DCN-v2's
+  low-rank cross).
+- ``masknet``: parallel MaskNet, b blocks of instance-guided masks, concatenated, then an MLP;
+  ``mask_width`` sets the width of each mask's hidden layer (default: x's).
 - ``dcnv2``: DCN-v2 cross layers (``torchrec.modules.crossnet.CrossNet``),
   ``x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l``, then Linear.
 - ``mlp``: a plain MLP, then Linear.
@@ -29,6 +32,7 @@ from towerrec.modules.stacked import (
     Stacked,
     StackedLayerNorm,
     StackedLinear,
+    StackedLowRankLinear,
     build_single,
     copy_into,
     count_members,
@@ -44,22 +48,50 @@ def _to_width(in_features: int, out_features: int) -> nn.Module:
     return nn.Identity() if in_features == out_features else nn.Linear(in_features, out_features)
 
 
+def _square(width: int, rank: Optional[int], bias: bool = True) -> nn.Module:
+    """``Linear(width -> width)``, or with ``rank`` its low-rank form ``V (U^T c) + b``:
+    ``Linear(width -> rank, bias=False)`` then ``Linear(rank -> width)``."""
+    if rank is None:
+        return nn.Linear(width, width, bias=bias)
+    return nn.Sequential(nn.Linear(width, rank, bias=False), nn.Linear(rank, width, bias=bias))
+
+
+def _stacked_square(parts: Parts, width: int, rank: Optional[int], bias: bool = True) -> Stacked:
+    """:func:`_square` stacked."""
+    if rank is None:
+        return StackedLinear(parts, width, width, bias=bias)
+    return StackedLowRankLinear(parts, width, rank, width, bias=bias)
+
+
+def _check_rank(rank: Optional[int], name: str = "rank") -> None:
+    if rank is not None and rank < 1:
+        raise ValueError(f"{name} must be >= 1 or None (full width), got {rank}")
+
+
 class GDCN(nn.Module):
     """Gated cross network (GDCN). The gate ``U_l`` has no bias, as in the formula.
+
+    ``rank`` (None: full) makes ``W_l`` and ``U_l`` low-rank, ``V_l U'_l^T`` with thin factors
+    ``[in, rank]``, as DCN-v2's low-rank cross layer: a layer costs ``4 * in * rank`` multiply-adds
+    per example instead of ``2 * in^2``.
 
     Example::
 
         gdcn = GDCN(16, 32, num_layers=2)
         y = gdcn(torch.randn(4, 16))  # [4, 32]
+        y = GDCN(16, 32, rank=4)(torch.randn(4, 16))  # low-rank cross and gate
     """
 
-    def __init__(self, in_features: int, out_features: int = 256, num_layers: int = 2) -> None:
+    def __init__(
+        self, in_features: int, out_features: int = 256, num_layers: int = 2, rank: Optional[int] = None
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        _check_rank(rank)
         self.out_features = out_features
-        self.cross = nn.ModuleList(nn.Linear(in_features, in_features) for _ in range(num_layers))
-        self.gates = nn.ModuleList(nn.Linear(in_features, in_features, bias=False) for _ in range(num_layers))
+        self.cross = nn.ModuleList(_square(in_features, rank) for _ in range(num_layers))
+        self.gates = nn.ModuleList(_square(in_features, rank, bias=False) for _ in range(num_layers))
         self.out = nn.Linear(in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,14 +126,14 @@ class DCNv2(nn.Module):
 class MaskBlock(nn.Module):
     """One MaskNet block: ``mask = W2 ReLU(W1 x + c1) + c2``; ``h = ReLU(LayerNorm(W3 (x ⊙ mask)))``.
 
-    The mask's hidden layer (W1) has the width of x.
+    The mask's hidden layer (W1's output) has the width of x, or ``mask_width``.
     """
 
-    def __init__(self, in_features: int, block_width: int = 128) -> None:
+    def __init__(self, in_features: int, block_width: int = 128, mask_width: Optional[int] = None) -> None:
         super().__init__()
-        self.mask = nn.Sequential(
-            nn.Linear(in_features, in_features), nn.ReLU(), nn.Linear(in_features, in_features)
-        )
+        _check_rank(mask_width, "mask_width")
+        hidden = mask_width or in_features
+        self.mask = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, in_features))
         self.hidden = nn.Linear(in_features, block_width, bias=False)  # LayerNorm carries the bias
         self.norm = nn.LayerNorm(block_width)
 
@@ -111,7 +143,9 @@ class MaskBlock(nn.Module):
 
 class MaskNet(nn.Module):
     """Parallel MaskNet: ``num_blocks`` :class:`MaskBlock` on x, concatenated, ``MLP(hidden)``, then
-    Linear(-> out_features) unless the MLP already ends at that width.
+    Linear(-> out_features) unless the MLP already ends at that width. ``mask_width`` (None: x's
+    width) narrows each mask's hidden layer: a block's mask costs ``2 * in * mask_width``
+    multiply-adds per example instead of ``2 * in^2``.
 
     Example::
 
@@ -129,12 +163,14 @@ class MaskNet(nn.Module):
         activation: str = "relu",
         norm: str = "none",
         dropout: float = 0.0,
+        mask_width: Optional[int] = None,
     ) -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.out_features = out_features
-        self.blocks = nn.ModuleList(MaskBlock(in_features, block_width) for _ in range(num_blocks))
+        blocks = (MaskBlock(in_features, block_width, mask_width) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(blocks)
         self.mlp = MLP(num_blocks * block_width, hidden, activation=activation, norm=norm, dropout=dropout)
         self.out = _to_width(self.mlp.out_features, out_features)
 
@@ -235,7 +271,9 @@ class StackedGDCN(Stacked):
     one kernel each.
 
     State-dict keys: ``cross.l.weight [n, in, in]``, ``cross.l.bias [n, in]``, ``gates.l.weight``,
-    ``out.weight [n, out, in]``, ``out.bias`` (``.<part>`` appended with named parts).
+    ``out.weight [n, out, in]``, ``out.bias`` (``.<part>`` appended with named parts); with ``rank``,
+    ``cross.l.down.weight [n, rank, in]``, ``cross.l.up.weight [n, in, rank]``, ``cross.l.up.bias``
+    and the same for ``gates.l`` (no bias).
 
     Example::
 
@@ -243,18 +281,25 @@ class StackedGDCN(Stacked):
         y = gdcn(torch.randn(4, 16))  # [3, 4, 32]; y[i] == gdcn.member(i)(x)
     """
 
-    def __init__(self, parts: Parts, in_features: int, out_features: int = 256, num_layers: int = 2) -> None:
+    def __init__(
+        self,
+        parts: Parts,
+        in_features: int,
+        out_features: int = 256,
+        num_layers: int = 2,
+        rank: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        _check_rank(rank)
         self.num_members = count_members(parts)
         self.in_features, self.out_features, self.num_layers = in_features, out_features, num_layers
+        self.rank = rank
         with torch.random.fork_rng(devices=[]):  # drawn below, member by member
-            self.cross = nn.ModuleList(
-                StackedLinear(parts, in_features, in_features) for _ in range(num_layers)
-            )
+            self.cross = nn.ModuleList(_stacked_square(parts, in_features, rank) for _ in range(num_layers))
             self.gates = nn.ModuleList(
-                StackedLinear(parts, in_features, in_features, bias=False) for _ in range(num_layers)
+                _stacked_square(parts, in_features, rank, bias=False) for _ in range(num_layers)
             )
             self.out = StackedLinear(parts, in_features, out_features)
         self.reset_parameters()
@@ -272,7 +317,7 @@ class StackedGDCN(Stacked):
         return self.out(c)
 
     def member(self, index: int) -> GDCN:
-        single = build_single(self, GDCN, self.in_features, self.out_features, self.num_layers)
+        single = build_single(self, GDCN, self.in_features, self.out_features, self.num_layers, self.rank)
         for target, source in zip(
             [*single.cross, *single.gates, single.out], [*self.cross, *self.gates, self.out], strict=True
         ):
@@ -333,7 +378,7 @@ class StackedMaskNet(Stacked):
     too: block b of instance i is sub-member ``i * num_blocks + b``, so each of the mask's two
     matmuls and the block projection is one kernel for all blocks of all instances.
 
-    State-dict keys: ``mask_in.weight [n * blocks, in, in]`` / ``.bias`` (W1, c1),
+    State-dict keys: ``mask_in.weight [n * blocks, mask_width, in]`` / ``.bias`` (W1, c1),
     ``mask_out.weight`` / ``.bias`` (W2, c2), ``hidden.weight [n * blocks, width, in]`` (W3),
     ``norm.weight`` / ``.bias [n * blocks, width]``, ``mlp.*`` (:class:`StackedMLP`), ``out.*``
     (absent when the MLP already ends at ``out_features``).
@@ -355,18 +400,23 @@ class StackedMaskNet(Stacked):
         activation: str = "relu",
         norm: str = "none",
         dropout: float = 0.0,
+        mask_width: Optional[int] = None,
     ) -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        _check_rank(mask_width, "mask_width")
         self.num_members = count_members(parts)
         self.in_features, self.out_features = in_features, out_features
         self.num_blocks, self.block_width = num_blocks, block_width
-        self.options = dict(hidden=list(hidden), activation=activation, norm=norm, dropout=dropout)
+        self.options = dict(
+            hidden=list(hidden), activation=activation, norm=norm, dropout=dropout, mask_width=mask_width
+        )
         blocks = scale_parts(parts, num_blocks)
+        hidden_width = mask_width or in_features
         with torch.random.fork_rng(devices=[]):
-            self.mask_in = StackedLinear(blocks, in_features, in_features)
-            self.mask_out = StackedLinear(blocks, in_features, in_features)
+            self.mask_in = StackedLinear(blocks, in_features, hidden_width)
+            self.mask_out = StackedLinear(blocks, hidden_width, in_features)
             self.hidden = StackedLinear(blocks, in_features, block_width, bias=False)  # the norm's bias
             self.norm = StackedLayerNorm(blocks, block_width)
             self.mlp = StackedMLP(parts, num_blocks * block_width, hidden, activation, norm, dropout)

@@ -221,6 +221,39 @@ class StackedLinear(Stacked):
         return single
 
 
+class StackedLowRankLinear(Stacked):
+    """``n`` low-rank linears ``y = V (U^T x) + b``, each the ``nn.Sequential(Linear(in -> rank,
+    bias=False), Linear(rank -> out))`` it stands for: two :class:`StackedLinear`, ``down`` then ``up``.
+
+    Example::
+
+        lin = StackedLowRankLinear(3, 16, 4, 16)
+        y = lin(torch.randn(8, 16), shared_input=True)  # [3, 8, 16]; y[i] == lin.member(i)(x)
+    """
+
+    def __init__(
+        self, parts: Parts, in_features: int, rank: int, out_features: int, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_members = count_members(parts)
+        self.in_features, self.rank, self.out_features = in_features, rank, out_features
+        with torch.random.fork_rng(devices=[]):  # drawn below, member by member
+            self.down = StackedLinear(parts, in_features, rank, bias=False)
+            self.up = StackedLinear(parts, rank, out_features, bias=bias)
+        self.reset_parameters()
+
+    def reset_member(self, index: int) -> None:
+        self.down.reset_member(index)  # the Sequential's construction order
+        self.up.reset_member(index)
+
+    def forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        """``x [B, in]`` (``shared_input``) or ``[n, B, in]`` ``-> [n, B, out]``."""
+        return self.up(self.down(x, shared_input=shared_input))
+
+    def member(self, index: int) -> nn.Sequential:
+        return nn.Sequential(self.down.member(index), self.up.member(index))
+
+
 class StackedLayerNorm(Stacked):
     """``n`` independent ``nn.LayerNorm(width)`` over the last axis of ``[n, B, width]``, each with
     its own affine ``weight [n, width]`` (ones) and ``bias [n, width]`` (zeros)."""

@@ -37,6 +37,31 @@ def _dtn(tasks=TASKS, **kw):
     return DTN(IN, tasks, **{**args, **kw})
 
 
+def test_low_rank_gdcn_layer_matches_hand_computation():
+    """With ``rank``, ``W = V U^T`` and the gate ``U_g = V_g U_g'^T``: thin factors, the same layer."""
+    torch.manual_seed(0)
+    gdcn = GDCN(3, 2, num_layers=1, rank=1)
+    cross, gate = gdcn.cross[0], gdcn.gates[0]
+    assert [tuple(m.weight.shape) for m in (*cross, *gate)] == [(1, 3), (3, 1), (1, 3), (3, 1)]
+    assert cross[0].bias is None and gate[0].bias is None and gate[1].bias is None
+    w = cross[1].weight @ cross[0].weight  # rank-1 [3, 3]
+    u = gate[1].weight @ gate[0].weight
+    x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+    c1 = x * (x @ w.T + cross[1].bias) * torch.sigmoid(x @ u.T) + x
+    torch.testing.assert_close(gdcn(x), gdcn.out(c1))
+    assert torch.linalg.matrix_rank(w) == 1
+    with pytest.raises(ValueError, match="rank must be >= 1 or None"):
+        GDCN(3, 2, rank=0)
+
+
+def test_masknet_mask_width_narrows_the_mask_hidden_layer():
+    net = MaskNet(6, 4, num_blocks=2, block_width=3, hidden=[5], mask_width=2)
+    for block in net.blocks:
+        assert block.mask[0].weight.shape == (2, 6) and block.mask[2].weight.shape == (6, 2)
+    assert net(torch.randn(3, 6)).shape == (3, 4)
+    assert MaskNet(6, 4).blocks[0].mask[0].weight.shape == (6, 6)  # default: x's width
+
+
 def test_gdcn_one_layer_matches_hand_computation():
     torch.manual_seed(0)
     gdcn = GDCN(3, 2, num_layers=1)
@@ -294,6 +319,10 @@ def test_config_parses_and_builds(tmp_path: Path):
         "StackedDCNv2",
     ]
     assert net.towers["click"].mlp.in_features == 8
+    narrow = load_config(write_config(tmp_path, {**MODEL, "gdcn_rank": 3, "masknet_mask_width": 2}))
+    narrow_net = build_network(narrow.model, in_features=10, task_names=["click", "conversion"])
+    assert narrow_net.fi_module("click", "gdcn").cross[0][0].weight.shape == (3, 10)
+    assert narrow_net.fi_module("click", "masknet").blocks[0].mask[0].weight.shape == (2, 10)
     out = net(torch.randn(2, 10))
     assert set(out) == {"click", "conversion"} and out["click"].shape == (2,)
 

@@ -29,6 +29,7 @@ from towerrec.modules.stacked import (
     LoopStack,
     Stacked,
     StackedLinear,
+    StackedLowRankLinear,
     count_members,
     part_parameters,
     unstacked,
@@ -46,6 +47,11 @@ OPTIONS: Dict[str, dict] = {
     "mlp": {"hidden": [5, 3]},
     "memonet": {"cross": SHAPE},
 }
+# Every method at OPTIONS, and the narrowed forms: low-rank GDCN, MaskNet with a narrow mask.
+CASES = [(m, OPTIONS[m]) for m in sorted(OPTIONS)] + [
+    ("gdcn", {"num_layers": 2, "rank": 2}),
+    ("masknet", {**OPTIONS["masknet"], "mask_width": 2}),
+]
 
 
 def _inputs(method: str):
@@ -100,6 +106,23 @@ def test_stacked_linear_is_n_linears(shared_input):
         "bias.task",
         "bias.shared",
     ]
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_stacked_low_rank_linear_is_n_low_rank_sequentials(shared_input):
+    torch.manual_seed(0)
+    stack = StackedLowRankLinear(PARTS, IN, 2, OUT).double()
+    loop = unstacked(stack)
+    x = (torch.randn(B, IN) if shared_input else torch.randn(5, B, IN)).double()
+    out = stack(x, shared_input=shared_input)
+    assert out.shape == (5, B, OUT)
+    torch.testing.assert_close(out, loop(x, shared_input=shared_input), **TOL)
+    member = loop.members[1]
+    assert [type(m) for m in member] == [nn.Linear, nn.Linear] and member[0].bias is None
+    assert member[0].weight.shape == (2, IN) and member[1].weight.shape == (OUT, 2)
+    _backward(out)
+    _backward(loop(x, shared_input=shared_input))
+    _assert_loop_equal(stack, loop)
 
 
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
@@ -168,14 +191,14 @@ def test_members_are_drawn_as_the_single_modules_were():
     assert stack.linears[0].weight.abs().max() <= bound and stack.linears[0].bias.abs().max() <= bound
 
 
-@pytest.mark.parametrize("method", sorted(INTERACTIONS))
-def test_every_fi_method_stacked_draws_and_computes_as_its_single_modules(method):
-    assert STACKED_INTERACTIONS.keys() == INTERACTIONS.keys()
+@pytest.mark.parametrize("method, options", CASES, ids=[f"{m}-{sorted(o)}" for m, o in CASES])
+def test_every_fi_method_stacked_draws_and_computes_as_its_single_modules(method, options):
+    assert STACKED_INTERACTIONS.keys() == INTERACTIONS.keys() == OPTIONS.keys()
     torch.manual_seed(5)
-    singles = [build_interaction(method, IN, OUT, **OPTIONS[method]) for _ in range(5)]
+    singles = [build_interaction(method, IN, OUT, **options) for _ in range(5)]
     after_singles = torch.rand(4)
     torch.manual_seed(5)
-    stack = build_stacked_interaction(method, PARTS, IN, OUT, **OPTIONS[method])
+    stack = build_stacked_interaction(method, PARTS, IN, OUT, **options)
     assert torch.equal(torch.rand(4), after_singles)
     for single, member in zip(singles, stack.members(), strict=True):
         assert type(member) is type(single)
@@ -218,8 +241,10 @@ def _mmoe():
     return MMoE(IN, ["a", "b"], num_experts=N, expert_hidden=[8, 5], tower_hidden=[4])
 
 
-def _dtn(selector: str):
+def _dtn(selector: str, narrow: bool = False):
     options = {m: {k: v for k, v in OPTIONS[m].items() if k != "cross"} for m in OPTIONS}
+    if narrow:  # low-rank GDCN, narrow MaskNet masks
+        options["gdcn"]["rank"], options["masknet"]["mask_width"] = 2, 3
     return DTN(
         IN,
         ["a", "b", "c"],
@@ -240,6 +265,7 @@ MODELS = {
     "mmoe": _mmoe,
     "dtn_input": lambda: _dtn("input"),
     "dtn_self": lambda: _dtn("self"),
+    "dtn_narrow": lambda: _dtn("input", narrow=True),
 }
 
 
@@ -315,6 +341,10 @@ def test_documented_state_dict_keys():
     assert keys["interactions.gdcn.cross.0.weight.shared"] == (2, IN, IN)
     assert keys["interactions.memonet.pair_weight.task"] == (6, 3, 8, 4)
     assert keys["interactions.masknet.mask_in.weight.shared"] == (4, IN, IN)  # 2 instances x 2 blocks
+    low_rank = build_stacked_interaction("gdcn", PARTS, IN, OUT, rank=2)
+    keys = {k: tuple(v.shape) for k, v in low_rank.state_dict().items()}
+    assert keys["cross.0.down.weight.task"] == (3, 2, IN) and keys["cross.0.up.bias.shared"] == (2, IN)
+    assert keys["gates.1.up.weight.task"] == (3, IN, 2) and "gates.1.up.bias.task" not in keys
 
 
 class _Scripted(nn.Module):
