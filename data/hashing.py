@@ -7,6 +7,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
+from typing import Mapping, Sequence
+
 import numpy as np
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -49,10 +52,36 @@ def hash_pairs(first: np.ndarray, second: np.ndarray, num_buckets: int, function
     """
     if np.shape(first) != np.shape(second):
         raise ValueError(f"hash_pairs: id arrays of shapes {np.shape(first)} and {np.shape(second)}")
-    salt = mix64(np.array([function], np.int64))[0]
+    return _bucket_of_pair(mix64(np.asarray(first, np.int64)), second, num_buckets, function)
+
+
+def cross_ids(
+    raw: Mapping[str, np.ndarray], pairs: Sequence[tuple[str, str]], num_hashes: int, num_buckets: int
+) -> list[np.ndarray]:
+    """The codebook ids of ``data.cross``: for each pair ``(a, b)``, then each hash function k,
+    ``hash_pairs(raw[a], raw[b], num_buckets, k)`` (``CrossConfig.feature_names`` order). Each
+    field is mixed once, however many pairs it starts.
+
+    Example::
+
+        ids = cross_ids({"u": np.array([1, 2]), "c": np.array([7, 7])}, [("u", "c")], 2, 1000)
+        # [hash_pairs(u, c, 1000, 0), hash_pairs(u, c, 1000, 1)]
+    """
+    mixed = {a: mix64(np.asarray(raw[a], np.int64)) for a, _ in pairs}
+    return [_bucket_of_pair(mixed[a], raw[b], num_buckets, k) for a, b in pairs for k in range(num_hashes)]
+
+
+@functools.lru_cache(maxsize=None)
+def _salt(function: int) -> np.uint64:
+    return mix64(np.array([function], np.int64))[0]
+
+
+def _bucket_of_pair(
+    mixed_first: np.ndarray, second: np.ndarray, num_buckets: int, function: int
+) -> np.ndarray:
+    """``hash_pairs`` with ``mix64(first)`` given."""
     with np.errstate(over="ignore"):
-        inner = mix64(np.asarray(first, np.int64)) ^ salt
-        mixed = mix64(inner ^ np.asarray(second, np.int64).view(np.uint64))
+        mixed = mix64(mixed_first ^ _salt(function) ^ np.asarray(second, np.int64).view(np.uint64))
     return (mixed % np.uint64(num_buckets)).astype(np.int64)
 
 

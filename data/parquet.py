@@ -57,7 +57,7 @@ decoded, converted, laid out, being consumed), whatever the data size.
 The dataset object holds only file names and row-group sizes.
 
 Cross features (``data.cross``): computed per chunk from the raw ids of the cross fields with
-``hash_pairs`` (vectorised, no per-row Python) and appended after the sparse features, one id per
+``cross_ids`` (vectorised, no per-row Python) and appended after the sparse features, one id per
 real row. ``permute_feature`` (permutation importance): that feature's bags are permuted among
 blocks of up to ``max(B, 1024)`` consecutive rows from each row group's start (fewer where a row
 group, a rank's or a worker's range ends), before the crosses are computed, so a permuted
@@ -109,7 +109,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from towerrec.data.batch import Batch, PackedBatch
 from towerrec.data.config import DataConfig, SparseFeatureConfig
 from towerrec.data.errors import DataError  # one class for the whole data path (re-exported)
-from towerrec.data.hashing import hash_ids, hash_pairs
+from towerrec.data.hashing import cross_ids, hash_ids
 from towerrec.data.transforms import (
     FittedFeatures,
     check_type_drift,
@@ -1135,12 +1135,10 @@ class ParquetDataset(IterableDataset[Batch]):
             lengths.append(feature_lengths)
             offsets.append(feature_offsets)
         if cross is not None:
-            size = self._table_size[cross.table]
-            for a, b in cross.pairs:
-                for k in range(cross.num_hashes):
-                    values.append(hash_pairs(raw[a], raw[b], size, k))
-                    lengths.append(None)
-                    offsets.append(None)
+            ids = cross_ids(raw, cross.pairs, cross.num_hashes, self._table_size[cross.table])
+            values += ids
+            lengths += [None] * len(ids)
+            offsets += [None] * len(ids)
         dense = np.empty((n, len(self.data.dense_features)), np.float32)
         for j, d in enumerate(self.data.dense_feature_configs):
             column = rb.column(d.parquet_column)

@@ -35,7 +35,7 @@ import torch
 from towerrec.data.config import DataConfig, SparseFeatureConfig
 from towerrec.data.errors import DataError
 from towerrec.data.features import FittedFeatures
-from towerrec.data.hashing import hash_pairs
+from towerrec.data.hashing import cross_ids
 from towerrec.data.transforms import column_type_ok, encode_dense, encode_sparse, expected_type
 
 Rows = pa.Table | pa.RecordBatch | Mapping[str, Sequence[Any]]
@@ -106,11 +106,9 @@ class RowTransform:
             if cross is not None and feature.name in cross.fields:
                 raw[feature.name] = _cross_raw(column, feature)
         if cross is not None:
-            size = self.sizes[cross.table]
-            for a, b in cross.pairs:
-                for k in range(cross.num_hashes):
-                    values.append(hash_pairs(raw[a], raw[b], size, k))
-                    lengths.append(np.ones(n, np.int32))
+            ids = cross_ids(raw, cross.pairs, cross.num_hashes, self.sizes[cross.table])
+            values += ids
+            lengths += [np.ones(n, np.int32) for _ in ids]
         dense = np.empty((n, len(self.data.dense_features)), np.float32)
         for j, feature in enumerate(self.data.dense_feature_configs):
             dense[:, j], replaced = encode_dense(

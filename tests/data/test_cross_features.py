@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from towerrec.data.hashing import hash_pairs
+from towerrec.data.hashing import cross_ids, hash_pairs
 from towerrec.data.parquet import ParquetDataset, make_dataloader
 
 CROSS_TABLES = [
@@ -53,6 +53,18 @@ def test_cross_ids_are_the_pair_hashes_of_the_raw_ids(tmp_path: Path, files, dat
     padded = batches[-1]
     n = padded.real_rows
     assert n < 16 and not padded.sparse["row_id_x_user_id_h0"].lengths()[n:].any()
+
+
+def test_cross_ids_are_hash_pairs_pair_by_pair_then_function_by_function():
+    rng = np.random.default_rng(0)
+    raw = {f: rng.integers(-(2**62), 2**62, 500) for f in ("a", "b", "c")}
+    pairs = [("a", "b"), ("a", "c"), ("c", "b")]
+    expected = [hash_pairs(raw[a], raw[b], 977, k) for a, b in pairs for k in range(3)]
+    got = cross_ids(raw, pairs, 3, 977)
+    assert len(got) == 9 and all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+    # Pinned values: a change of the hash would silently remap every trained codebook row.
+    assert hash_pairs(np.array([3, 3]), np.array([5, 6]), 100_000, 0).tolist() == [1641, 34459]
+    assert hash_pairs(np.array([-3, 2**62]), np.array([5, -6]), 977, 1).tolist() == [703, 554]
 
 
 def test_hash_pairs_spreads_and_keeps_order():
