@@ -215,3 +215,24 @@ def test_stop_mode_settles_quietly_when_every_step_was_finite() -> None:
     assert not guard.vote()
     guard.settle()  # no error
     assert guard.take_skips() == [] and guard.skipped_steps == []
+
+
+def test_gradients_sharing_a_storage_are_checked_once_each_and_nothing_else() -> None:
+    """On CPU the guard checks one flat run per storage the gradients tile (DDP's buckets, a
+    data-parallel table's flat weight): every gradient value, and no value between them."""
+    from towerrec.trainer.nonfinite import _all_finite, _contiguous_runs
+
+    flat = torch.zeros(12)
+    a, b, c = flat[0:3], flat[3:6].view(3, 1), flat[7:10]  # 6 and 10..11 are nobody's
+    separate = torch.ones(2, 2)
+    overlapping = flat[2:5]
+    runs = _contiguous_runs([c, separate, a, b])
+    assert sorted(r.numel() for r in runs) == [3, 4, 6]
+    flat[6] = flat[11] = float("nan")  # outside every gradient
+    assert bool(_all_finite([c, separate, a, b]))
+    flat[8] = float("inf")
+    assert not bool(_all_finite([c, separate, a, b]))
+    flat[8] = 0.0
+    assert [r.numel() for r in _contiguous_runs([a, overlapping])] == [3, 3]  # checked on its own
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.0, float("nan")], (4,))
+    assert not bool(_all_finite([a, sparse])) and bool(_all_finite([a, separate]))
