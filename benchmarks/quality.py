@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from towerrec.trainer.checkpoint import best_checkpoint, read_meta
 from towerrec.trainer.config import ExperimentConfig, add_override_argument, apply_override
 
+from benchmarks.ceiling import window_rates
 from benchmarks.report import RESULTS_MD, markdown_table, write_section
 
 MLP = {"tower_hidden": [64, 32]}
@@ -226,6 +227,16 @@ def chosen_eval(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, i
     return chosen[-1], stop, max(r["epoch"] for r in records) + 1
 
 
+def train_rate(metrics: Path) -> float | None:
+    """Median train samples/s of a run's logging windows, less each epoch's first (start-up,
+    evaluation); None when no window is left (``training.log_interval`` longer than an epoch).
+    Per-epoch time is the rows of an epoch over it."""
+    try:
+        return round(statistics.median(window_rates(metrics)))
+    except RuntimeError:
+        return None
+
+
 def execute(
     run: Run, config: dict[str, Any], data_dir: Path, nproc: int, read_test: bool = True
 ) -> dict[str, Any]:
@@ -267,6 +278,7 @@ def execute(
         "valid": {t: chosen[t]["auc"] for t in run.tasks},
         "test": {t: test["metrics"][t]["auc"] for t in run.tasks},
         "train_seconds": round(train_seconds, 1),
+        "samples_per_s": train_rate(run.run_dir / "metrics.jsonl"),
         "config": config,
     }
     if read_test:  # a tuning run is not finished: the final sweep trains it again
@@ -435,6 +447,8 @@ def main() -> None:
         record = execute(run, config, args.data, args.nproc, read_test=not args.tune)
         records.append(record)
         shown = "" if args.tune else f" test {record['test']}"
+        if record.get("samples_per_s") is not None:
+            shown += f"; train {record['samples_per_s']:,} samples/s"
         print(
             f"{run.label} seed {run.seed}: epoch {record['chosen_epoch']} of {record['epochs_run']} "
             f"valid {record['valid']}{shown}",
