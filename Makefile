@@ -21,8 +21,12 @@ demo: setup
 	print('held-out metrics (runs/demo/eval_metrics.json):'); \
 	[print(f'  {t:<12} auc {v[\"auc\"]:.4f}  ne {v[\"ne\"]:.4f}  logloss {v[\"logloss\"]:.4f}') for t, v in m.items()]"
 
+# Two pytest workers: a test spends about a third of its time waiting (process start-up, a rank's
+# timeout), which the other worker fills. Tests marked `serial` read the machine's load and run
+# alone afterwards.
 test: setup
-	python -m pytest -q --durations=15 tests
+	python -m pytest -q -n 2 -m "not serial" --durations=15 tests
+	python -m pytest -q -m serial tests
 
 # The example shard plans under docs/plans/ (billion-row tables on clusters that need not exist).
 PLAN_CONFIG ?= configs/billion_scale.yaml

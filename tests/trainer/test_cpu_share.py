@@ -16,7 +16,10 @@ import torch
 from towerrec.trainer.cpu_share import CpuReader, CpuSample, ThreadGovernor, share_of_free_cores
 from towerrec.trainer.distributed import available_cores, size_threads
 
-pytestmark = pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux /proc")
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux /proc"),
+    pytest.mark.serial,  # CPU time and thread counts under the machine's load: alone (make test)
+]
 
 SPIN = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass\n"
 
