@@ -22,9 +22,11 @@ machine's load hit every count alike.
 (``training.threads: auto``, ``training.num_workers``) for a few hundred steps; its samples/s are
 the ``metrics.jsonl`` windows (``training.log_interval`` steps each) without the first of each
 epoch (warm-up; at an epoch's start also the evaluation and the loaders' restart). Both sides
-report the median window. The two take turns (``--rounds``: the loop's windows, then a train run,
-again): this VM's host takes CPU time away at moments, and measured one after the other the
-ratio moved by ±15 % with it. Target: ratio >= 0.9.
+report the median window. The two take turns (``--rounds`` train runs, each between two
+stretches of the loop's windows) and each run is divided by the ceiling measured just before and
+after it: this VM's speed drifts by ±15 % over minutes (other VMs on the host), and a ratio of
+medians pooled over the whole measurement moved with it (0.77 and 0.82 for the same demo config
+on 2026-12-02). The ratio is the median of the runs' ratios. Target: ratio >= 0.9.
 """
 
 from __future__ import annotations
@@ -201,10 +203,17 @@ class BareLoop:
 
 @dataclass
 class Measured:
-    """One case's rounds: the bare loop's windows per thread count, `towerrec train`'s runs."""
+    """One case's turns: the bare loop's windows per thread count in each of ``rounds + 1``
+    stretches (``stretches[i]``: before train run i; the last one after the last run), and
+    `towerrec train`'s runs."""
 
-    by_threads: dict[int, list[float]]
+    stretches: list[dict[int, list[float]]]
     runs: list[TrainRun]
+
+    @property
+    def by_threads(self) -> dict[int, list[float]]:
+        """Every window of each thread count, all stretches together."""
+        return {t: [rate for s in self.stretches for rate in s[t]] for t in self.stretches[0]}
 
     @property
     def ceiling(self) -> float:
@@ -214,22 +223,59 @@ class Measured:
     def trained(self) -> float:
         return statistics.median([rate for run in self.runs for rate in run.rates])
 
+    def round_ratios(self) -> list[float]:
+        """Each train run over the ceiling of the stretches just before and just after it."""
+        return paired_ratios([run.median for run in self.runs], [stretch_ceiling(s) for s in self.stretches])
+
+    @property
+    def ratio(self) -> float:
+        """The median of :meth:`round_ratios`: a drift of the machine's speed over the whole
+        measurement (minutes) moves a run and the windows around it alike."""
+        return statistics.median(self.round_ratios())
+
+
+def stretch_ceiling(windows: dict[int, list[float]]) -> float:
+    """The fastest thread count's median window of one stretch."""
+    return max(statistics.median(rates) for rates in windows.values())
+
+
+def paired_ratios(trained: list[float], ceilings: list[float]) -> list[float]:
+    """``trained[i]`` over the mean of ``ceilings[i]`` and ``ceilings[i + 1]``, the ceilings
+    measured just before and just after run i.
+
+    Example::
+
+        paired_ratios([45.0, 60.0], [50.0, 50.0, 70.0])   # [0.9, 1.0]
+    """
+    if len(ceilings) != len(trained) + 1:
+        runs = len(trained)
+        raise ValueError(f"{runs} runs need {runs + 1} ceilings around them, got {len(ceilings)}")
+    around = zip(ceilings[:-1], ceilings[1:], strict=True)
+    return [t / ((before + after) / 2) for t, (before, after) in zip(trained, around, strict=True)]
+
 
 def measure(case: Case, out: Path, rounds: int, windows: int, window_steps: int) -> Measured:
     """``rounds`` times: ``windows`` windows of the bare loop for each thread count of
     :func:`thread_counts` (taking turns window by window), then one `towerrec train` run (the
-    loop's process waits, idle). Interleaved, a drift of the machine's speed (another VM on the
-    host) moves both sides alike instead of biasing the ratio."""
+    loop's process waits, idle); a last stretch of windows after the last run. Each run is
+    compared with the windows just before and after it (:meth:`Measured.ratio`), so a drift of
+    the machine's speed (another VM on the host) moves both sides alike instead of biasing the
+    ratio."""
     from towerrec.trainer.distributed import available_cores
 
     slug = case.name.split()[0]
     loop = BareLoop(case, out / f"{slug}-ceiling")
     loop.run(5)  # warm-up
-    measured = Measured({t: [] for t in thread_counts(available_cores())}, [])
-    for r in range(rounds):
+    counts = thread_counts(available_cores())
+    measured = Measured([], [])
+    for r in range(rounds + 1):
+        stretch: dict[int, list[float]] = {t: [] for t in counts}
         for _ in range(windows):
-            for threads, rates in measured.by_threads.items():
+            for threads, rates in stretch.items():
                 rates.append(loop.window(threads, window_steps))
+        measured.stretches.append(stretch)
+        if r == rounds:
+            break
         run_dir = out / f"{slug}-train-{r}"
         overrides = run_overrides(run_dir, case.max_steps, case.log_interval, case.overrides)
         measured.runs.append(finish_train(start_train(case.config, overrides, run_dir), run_dir))
@@ -282,17 +328,18 @@ def main() -> None:
     rows = []
     for case in cases(args, out):
         measured = measure(case, out, args.rounds, args.windows, args.window_steps)
-        ceiling, trained = measured.ceiling, measured.trained
-        ratio = trained / ceiling
+        ceiling, trained, ratio = measured.ceiling, measured.trained, measured.ratio
+        by_round = ", ".join(f"{r:.2f}" for r in measured.round_ratios())
         tried = ", ".join(f"{t}: {statistics.median(r):,.0f}" for t, r in measured.by_threads.items())
         per_round = ", ".join(f"{run.median:,.0f}" for run in measured.runs)
         threads = measured.runs[0].threads
         print(f"{case.name}: ceiling {ceiling:,.0f} samples/s (threads {tried}); towerrec train "
-              f"{trained:,.0f} (rounds {per_round}; {threads}): ratio {ratio:.2f}")  # fmt: skip
+              f"{trained:,.0f} (rounds {per_round}; {threads}): ratio {ratio:.2f} "
+              f"(by round {by_round})")  # fmt: skip
         config = _config(case)
         rows.append([
             case.name, config.model.type, config.training.batch_size, f"{ceiling:,.0f}", tried,
-            f"{trained:,.0f}", per_round, threads_cell(threads), f"{ratio:.2f}",
+            f"{trained:,.0f}", per_round, threads_cell(threads), by_round, f"{ratio:.2f}",
         ])  # fmt: skip
     table = markdown_table(
         [
@@ -304,6 +351,7 @@ def main() -> None:
             "towerrec train samples/s",
             "train by round",
             "its threads",
+            "ratio by round",
             "ratio",
         ],
         rows,
@@ -320,10 +368,12 @@ def main() -> None:
         "different, slower computation. "
         "`towerrec train`: a real 1-rank run (TorchX, torchrun) of the same config and batch size with "
         f"its default threads and workers, median `samples_per_s` of its metrics.jsonl windows less each "
-        f"epoch's first over its {args.rounds} runs; ceiling: median of {args.rounds} x {args.windows} "
-        f"windows of {args.window_steps} steps per thread count. The two take turns: {args.rounds} "
-        "rounds of the ceiling's windows then a train run, so a drift of the machine's speed moves "
-        "both. "
+        f"epoch's first. The two take turns: {args.rounds + 1} stretches of the ceiling's windows "
+        f"({args.windows} of {args.window_steps} steps per thread count, taking turns) with a train run "
+        f"between each two. A run's ratio is its median over the mean ceiling of the stretches just "
+        "before and after it (the fastest thread count's median window in each), so a drift of the "
+        "machine's speed over the minutes of the measurement moves both sides of each ratio; the "
+        "ratio is the median of the runs' ratios. The samples/s columns pool all windows and runs. "
         f"Target ratio >= {TARGET}.\n\n" + table
     )
     write_section("ceiling", "Training against the compute ceiling (1 rank)", body)

@@ -22,7 +22,9 @@ window (so a change of the machine's load hits both alike):
   all modules of a method across DTN's groups.
 
 GFLOP/step counts the matmuls of one step (``torch.utils.flop_counter``); GFLOP/s is that over
-the median step time. Both implementations do the same matmul work; what differs is how. A second
+the median step time. Both implementations do the same matmul work; what differs is how. The
+same run times one large float32 ``torch.mm`` as the machine's matmul peak and prints how long
+DTN's matmul work alone would take at that peak, against PLE's whole step. A second
 table splits DTN's feature-interaction modules: forward + backward of each method's modules of all
 groups, looped and stacked, where most of DTN's step goes.
 
@@ -52,7 +54,9 @@ from towerrec.modules.stacked import unstacked
 
 from benchmarks.report import machine, markdown_table, write_section
 
-MODELS = ("ple", "mmoe", "dtn")
+MODELS = ("ple", "mmoe", "dtn", "dtn_lite")
+# A large float32 GEMM, [batch, GEMM_WIDTH] @ [GEMM_WIDTH, GEMM_WIDTH]: the machine's matmul peak.
+GEMM_WIDTH = 1024
 IMPLEMENTATIONS = ("loop", "stacked")
 
 
@@ -102,6 +106,14 @@ def quick_networks() -> Tuple[Dict[str, nn.Module], int, Optional[int]]:
         "ple": PLE(24, tasks, num_levels=2, expert_hidden=[16], tower_hidden=[8]),
         "mmoe": MMoE(24, tasks, num_experts=4, expert_hidden=[16], tower_hidden=[8]),
         "dtn": DTN(24, tasks, methods=["gdcn", "masknet", "memonet"], module_width=8, cross=shape),
+        "dtn_lite": DTN(
+            24,
+            tasks,
+            methods=["gdcn", "masknet", "memonet"],
+            module_width=8,
+            method_options={"gdcn": {"rank": 4}, "masknet": {"num_blocks": 1, "mask_width": 4}},
+            cross=shape,
+        ),
     }
     return networks, 24, shape.width
 
@@ -150,6 +162,14 @@ def make_fi_case(method: str, implementation: str, stack: nn.Module, inputs: Lis
     return Case(f"dtn.{method}", implementation, step)
 
 
+def make_gemm_case(batch: int) -> Case:
+    """The reference: one large float32 matrix product, the most this machine's matmuls reach."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(batch, GEMM_WIDTH, generator=gen), torch.randn(GEMM_WIDTH, GEMM_WIDTH, generator=gen)
+    out = torch.empty(batch, GEMM_WIDTH)
+    return Case("gemm", "peak", lambda: torch.mm(a, b, out=out))
+
+
 def count_flops(case: Case) -> int:
     with FlopCounterMode(display=False) as counter:
         case.step()
@@ -196,16 +216,25 @@ def report(cases: List[Case], times: Dict[Tuple[str, str], List[float]], batch: 
     header += ["GFLOP/step", "GFLOP/s loop / stacked"]
     modules = sorted({c.model for c in cases if c.model.startswith("dtn.")})
     ratio = {impl: median["dtn", impl] / median["ple", impl] for impl in IMPLEMENTATIONS}
+    lite = median["dtn_lite", "stacked"] / median["ple", "stacked"]
     flop_ratio = flops["dtn", "stacked"] / flops["ple", "stacked"]
     share = sum(median[m, "stacked"] for m in modules) / median["dtn", "stacked"]
+    peak = flops["gemm", "peak"] / median["gemm", "peak"]  # FLOP/s
+    at_peak = flops["dtn", "stacked"] / peak  # seconds: DTN's matmuls alone, at the peak
+    bound = at_peak / median["ple", "stacked"]
     return (
         markdown_table(header, [row(m) for m in MODELS])
         + f"\n\nDTN / PLE time per step: loop {ratio['loop']:.1f}x, stacked {ratio['stacked']:.1f}x; "
-        f"matmul work {flop_ratio:.0f}x.\n\nDTN's feature-interaction modules (each method's modules of "
+        f"matmul work {flop_ratio:.0f}x; dtn_lite / PLE stacked {lite:.1f}x.\n\n"
+        f"Matmul peak of this machine in the same run: {peak / 1e9:.0f} GFLOP/s (`torch.mm` of "
+        f"[{batch}, {GEMM_WIDTH}] @ [{GEMM_WIDTH}, {GEMM_WIDTH}], float32). At that peak DTN's matmul "
+        f"work alone would take {at_peak * 1e3:.0f} ms per step, {bound:.1f}x PLE's whole stacked step"
+        + (": DTN's time is bound by its arithmetic, not by how it is run.\n\n" if bound > 1 else ".\n\n")
+        + "DTN's feature-interaction modules (each method's modules of "
         f"all groups, forward + backward, no optimizer; {share:.0%} of the stacked DTN step):\n\n"
         + markdown_table(header[:4] + header[6:], [row(m)[:4] + row(m)[6:] for m in modules])
         + f"\n\nMedians of {len(next(iter(times.values())))} windows per cell, the cells taking turns; "
-        "measured on a shared machine under load, so compare within this run."
+        "compare within this run."
     )
 
 
@@ -254,7 +283,7 @@ def precision_report(
         markdown_table(header, [row(m) for m in models])
         + f"\n\nDTN / PLE time per step: {dtn_ple}."
         + f"\n\nMedians of {len(next(iter(times.values())))} windows per cell, the cells taking turns; "
-        "measured on a shared machine under load, so compare within this run."
+        "compare within this run."
     )
 
 
@@ -266,6 +295,7 @@ def compare_precisions(
 ) -> None:
     """``--precision``: the stacked networks' steps at each precision, printed (docs untouched)."""
     cases, max_diff = precision_cases(networks, inputs, list(dict.fromkeys(args.precision)))
+    cases.append(make_gemm_case(batch))
     for case in cases:
         case.flops = count_flops(case)
     times = measure(cases, 1 if args.quick else args.rounds, 0.05 if args.quick else args.window)
@@ -300,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     inputs: Dict[str, List[torch.Tensor]] = {}
     for model in MODELS:
         inputs[model] = [torch.randn(batch, in_features, generator=gen).requires_grad_()]
-        if model == "dtn":
+        if model.startswith("dtn"):
             assert cross_width is not None, "the DTN config reads the cross codebook"
             inputs[model].append(torch.randn(batch, cross_width, generator=gen).requires_grad_())
     if args.precision:
@@ -314,6 +344,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             for method, stack in networks[model].interactions.items():
                 for implementation in IMPLEMENTATIONS:
                     cases.append(make_fi_case(method, implementation, stack, inputs[model]))
+    cases.append(make_gemm_case(batch))
     for case in cases:
         case.flops = count_flops(case)
     times = measure(cases, 1 if args.quick else args.rounds, 0.05 if args.quick else args.window)
