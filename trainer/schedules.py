@@ -118,10 +118,16 @@ class LRSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` was saved (by any rank: ranks hold other fused tables, so
         other param groups, but every scheduler takes the same steps). The base lrs stay this
-        run's (its config's)."""
+        run's (its config's). An optimizer the saved run did not have (a data-parallel table
+        optimizer after a new sharding plan) continues at the others' step."""
         self.epoch = state["epoch"]
+        schedulers = state["schedulers"]
+        step = next(iter(schedulers.values()))["last_epoch"]
         for name, scheduler in self.schedulers.items():
-            saved = dict(state["schedulers"][name])
+            if name not in schedulers:
+                scheduler.last_epoch = step
+                continue
+            saved = dict(schedulers[name])
             for key in ("base_lrs", "_last_lr"):  # one entry per param group: this rank's
                 saved.pop(key, None)
             saved["lr_lambdas"] = [None] * len(scheduler.lr_lambdas)  # functions: no state

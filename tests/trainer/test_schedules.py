@@ -106,6 +106,14 @@ def test_a_restored_schedule_continues_the_same_lrs() -> None:
         resumed.step()
     assert lrs == full[6:]  # bitwise
 
+    # An optimizer the saved run did not have (data-parallel tables after a new plan) joins at
+    # the others' step.
+    joined = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    with_tables = LRSchedule(cfg, {"a": (torch.optim.SGD([param], lr=0.5), 0.5), "tables": (joined, 0.5)}, 10)
+    with_tables.load_state_dict(saved)
+    with_tables.set_epoch(1)
+    assert with_tables.lrs() == {"a": full[6], "tables": full[6]}
+
     # A checkpoint without the schedule's state (saved before schedules) continues at its step.
     third = torch.optim.SGD([param], lr=0.5)
     sought = LRSchedule(cfg, {"a": (third, 0.5)}, 10)
