@@ -4,6 +4,7 @@
     python -m benchmarks.experts --threads 2        # torch threads (default 1)
     python -m benchmarks.experts --quick            # a check; docs untouched
     python -m benchmarks.experts --precision fp32 bf16   # training.precision compared; docs untouched
+    python -m benchmarks.experts --adam default fused    # Adam implementations compared; docs untouched
 
 The networks are the trainer's own for the docs/RESULTS.md configs (``benchmarks.quality``'s
 models on the Census data config: ``build_train_module`` builds them), fed pre-built random
@@ -124,12 +125,15 @@ def make_case(
     network: nn.Module,
     inputs: List[torch.Tensor],
     autocast_dtype: Optional[torch.dtype] = None,
+    fused_adam: bool = True,
 ) -> Case:
-    """A training step of ``network`` (``loop``: its unstacked copy) with its own Adam, under
-    autocast in ``autocast_dtype`` as the trainer runs it (None: float32)."""
+    """A training step of ``network`` (``loop``: its unstacked copy) with its own Adam (fused, as
+    the trainer's, or torch's default), under autocast in ``autocast_dtype`` as the trainer runs
+    it (None: float32)."""
     net = unstacked(network) if implementation == "loop" else network
     net.train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    # fused: the trainer's dense Adam (trainer.optimizers); else torch's default for the device
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused_adam or None)
     labels = torch.randint(0, 2, (inputs[0].shape[0],)).float()
 
     def step() -> None:
@@ -295,7 +299,6 @@ def compare_precisions(
 ) -> None:
     """``--precision``: the stacked networks' steps at each precision, printed (docs untouched)."""
     cases, max_diff = precision_cases(networks, inputs, list(dict.fromkeys(args.precision)))
-    cases.append(make_gemm_case(batch))
     for case in cases:
         case.flops = count_flops(case)
     times = measure(cases, 1 if args.quick else args.rounds, 0.05 if args.quick else args.window)
@@ -303,6 +306,37 @@ def compare_precisions(
         f"Dense network only: forward + backward + Adam per step, batch {batch}, {args.threads} torch "
         f"thread(s), stacked networks, {'small (--quick)' if args.quick else 'the Census configs'}; "
         f"{machine()}.\n\n" + precision_report(cases, times, max_diff, batch)
+    )
+
+
+def compare_adams(
+    args: argparse.Namespace,
+    networks: Dict[str, nn.Module],
+    inputs: Dict[str, List[torch.Tensor]],
+    batch: int,
+) -> None:
+    """``--adam``: the stacked networks' steps with each Adam implementation (each on its own copy
+    of the weights), printed (docs untouched)."""
+    kinds = list(dict.fromkeys(args.adam))
+    cases = [
+        make_case(model, kind, copy.deepcopy(network), inputs[model], fused_adam=kind == "fused")
+        for model, network in networks.items()
+        for kind in kinds
+    ]
+    times = measure(cases, 1 if args.quick else args.rounds, 0.05 if args.quick else args.window)
+    median = {key: statistics.median(v) for key, v in times.items()}
+    rows = [
+        [model]
+        + [f"{median[model, k] * 1e3:.1f}" for k in kinds]
+        + [f"{median[model, k] / median[model, kinds[0]]:.2f}" for k in kinds[1:]]
+        for model in networks
+    ]
+    header = ["network"] + [f"{k} Adam ms/step" for k in kinds] + [f"{k} / {kinds[0]}" for k in kinds[1:]]
+    print(
+        f"Dense network only: forward + backward + Adam per step, batch {batch}, {args.threads} torch "
+        f"thread(s), stacked networks; `default`: torch's Adam for the device (a loop of ops per "
+        f"parameter on CPU), `fused`: its fused kernel (the trainer's); {machine()}.\n\n"
+        + markdown_table(header, rows)
     )
 
 
@@ -322,6 +356,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         choices=["fp32", "bf16"],
         help="compare the stacked networks at these training.precision values instead; docs untouched",
     )
+    parser.add_argument(
+        "--adam",
+        nargs="+",
+        choices=["default", "fused"],
+        help="compare the stacked networks' steps with these Adam implementations instead; docs untouched",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     networks, in_features, cross_width = quick_networks() if args.quick else census_networks(args.data)
@@ -335,6 +375,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             inputs[model].append(torch.randn(batch, cross_width, generator=gen).requires_grad_())
     if args.precision:
         compare_precisions(args, networks, inputs, batch)
+        return
+    if args.adam:
+        compare_adams(args, networks, inputs, batch)
         return
     cases = []
     for model in MODELS:
