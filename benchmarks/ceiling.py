@@ -217,7 +217,7 @@ class Measured:
 
     @property
     def ceiling(self) -> float:
-        return max(statistics.median(r) for r in self.by_threads.values())
+        return stretch_ceiling(self.by_threads)
 
     @property
     def trained(self) -> float:
@@ -235,7 +235,7 @@ class Measured:
 
 
 def stretch_ceiling(windows: dict[int, list[float]]) -> float:
-    """The fastest thread count's median window of one stretch."""
+    """The fastest thread count's median window (of one stretch, or of all pooled)."""
     return max(statistics.median(rates) for rates in windows.values())
 
 
@@ -267,18 +267,20 @@ def measure(case: Case, out: Path, rounds: int, windows: int, window_steps: int)
     loop = BareLoop(case, out / f"{slug}-ceiling")
     loop.run(5)  # warm-up
     counts = thread_counts(available_cores())
-    measured = Measured([], [])
-    for r in range(rounds + 1):
-        stretch: dict[int, list[float]] = {t: [] for t in counts}
+
+    def stretch() -> dict[int, list[float]]:
+        rates: dict[int, list[float]] = {t: [] for t in counts}
         for _ in range(windows):
-            for threads, rates in stretch.items():
-                rates.append(loop.window(threads, window_steps))
-        measured.stretches.append(stretch)
-        if r == rounds:
-            break
+            for threads in counts:
+                rates[threads].append(loop.window(threads, window_steps))
+        return rates
+
+    measured = Measured([stretch()], [])
+    for r in range(rounds):
         run_dir = out / f"{slug}-train-{r}"
         overrides = run_overrides(run_dir, case.max_steps, case.log_interval, case.overrides)
         measured.runs.append(finish_train(start_train(case.config, overrides, run_dir), run_dir))
+        measured.stretches.append(stretch())
     loop.close()
     return measured
 

@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from towerrec.modules.multitask import autocast_forward
 from towerrec.modules.stacked import unstacked
+from towerrec.trainer.config import DenseOptimizerConfig
+from towerrec.trainer.optimizers import dense_optimizer
 
 from benchmarks.report import machine, markdown_table, write_section
 
@@ -132,8 +134,11 @@ def make_case(
     it (None: float32)."""
     net = unstacked(network) if implementation == "loop" else network
     net.train()
-    # fused: the trainer's dense Adam (trainer.optimizers); else torch's default for the device
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused_adam or None)
+    optimizer = (
+        dense_optimizer(net, DenseOptimizerConfig(type="adam", lr=1e-3))  # the trainer's (fused)
+        if fused_adam
+        else torch.optim.Adam(net.parameters(), lr=1e-3)  # torch's default for the device
+    )
     labels = torch.randint(0, 2, (inputs[0].shape[0],)).float()
 
     def step() -> None:
